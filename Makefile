@@ -1,0 +1,39 @@
+# Two commands a newcomer needs: `make test` and (with the REST service) `make run` / `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test check lint format typecheck clean system-deps
+
+# Tests start their own redis-server on loopback; install Debian's package where it is missing.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package) for the store tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check service prompts_store tests bench
+	$(VENV)/bin/ruff format --check service prompts_store tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format service prompts_store tests bench
+	$(VENV)/bin/ruff check --fix service prompts_store tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

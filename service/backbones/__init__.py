@@ -1,0 +1,1 @@
+"""Frozen backbones: open_clip CLIP (and, later, LLaVA)."""

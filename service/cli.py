@@ -1,0 +1,98 @@
+"""`promptserve` command line: the same names as Settings; flags override PROMPTSERVE_* vars."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service.errors import PromptServeError
+from service.settings import Settings
+
+
+def _backbone_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="open_clip architecture (default ViT-B-32)")
+    p.add_argument("--pretrained", help="openai | other open_clip tag | PATH | none")
+    p.add_argument("--model-config", dest="model_config_path", help="ARCH.json custom model")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    fields = Settings.model_fields
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if overrides.get("model_config_path") and "model" not in overrides:
+        overrides["model"] = Path(overrides["model_config_path"]).stem
+    return Settings(**overrides)
+
+
+def load_backbone(settings: Settings) -> Any:
+    from service.backbones.clip import load_clip
+
+    return load_clip(
+        settings.model,
+        settings.pretrained,
+        model_config=settings.model_config_path,
+        device=settings.device,
+        precision=settings.precision,
+        cache_dir=settings.cache_dir,
+    )
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from service.importers.dassl import import_dassl
+
+    settings = settings_from(args)
+    classnames = [
+        line.strip() for line in Path(args.classnames).read_text().splitlines() if line.strip()
+    ]
+    ckpt, data = import_dassl(
+        args.src,
+        name=args.name,
+        classnames=classnames,
+        backbone=load_backbone(settings),
+        method=args.method,
+        ctx_init=args.ctx_init,
+        class_token_position=args.class_token_position,
+    )
+    out = Path(args.out or f"{args.name}.safetensors")
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    m = ckpt.manifest
+    print(f"wrote {out}: {m.method} checkpoint {m.name!r}, {len(m.classnames)} classes")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="promptserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import", help="convert a reference (Dassl .pth) checkpoint")
+    p.add_argument("src", help="model.pth.tar-N of CoOp/CoCoOp/MaPLe/VPT/IVLP/PromptSRC")
+    p.add_argument("--method", choices=["coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc"])
+    p.add_argument("--name", required=True)
+    p.add_argument("--classnames", required=True, help="text file, one class name per line")
+    p.add_argument("--ctx-init", default="a photo of a", help="the reference's CTX_INIT")
+    p.add_argument("--class-token-position", default="end", choices=["end", "middle", "front"])
+    p.add_argument("--out", help="output .safetensors (default NAME.safetensors)")
+    _backbone_flags(p)
+    p.set_defaults(func=cmd_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PromptServeError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

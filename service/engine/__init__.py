@@ -1,0 +1,1 @@
+"""The serving engine: mixed-checkpoint batches through one prompted forward."""

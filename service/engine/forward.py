@@ -1,0 +1,81 @@
+"""Mixed-checkpoint batches: one encoder pass per plan signature, one matrix product per plan.
+
+Samples whose plans share a `Signature` run in one encoder pass with their prompt tensors
+gathered per sample (`[B, L, n, d]`, `[B, L, d]`); plans without biases ride along with zero
+biases (a no-op), so text-only and bias-only plans share the plain pass.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service.backbones.clip import ClipBackbone
+from service.prompts.base import Plan, Signature
+
+
+def group_by_signature(plans: Sequence[Plan]) -> dict[Signature, list[int]]:
+    """Sample indices per signature, in arrival order."""
+    groups: dict[Signature, list[int]] = defaultdict(list)
+    for i, plan in enumerate(plans):
+        groups[plan.signature].append(i)
+    return dict(groups)
+
+
+def gather_prompts(plans: Sequence[Plan]) -> tuple[Tensor | None, Tensor | None]:
+    """Per-sample tokens `[B, L, n, d]` and biases `[B, Lmax, d]` of plans of one signature."""
+    tokens = None
+    if plans[0].vision_tokens is not None:
+        tokens = torch.stack([p.vision_tokens for p in plans])  # type: ignore[misc]
+    biased = [p.vision_bias for p in plans if p.vision_bias is not None]
+    if not biased:
+        return tokens, None
+    depth = max(b.shape[0] for b in biased)
+    bias = biased[0].new_zeros(len(plans), depth, biased[0].shape[1])
+    for i, p in enumerate(plans):
+        if p.vision_bias is not None:
+            bias[i, : p.vision_bias.shape[0]] = p.vision_bias
+    return tokens, bias
+
+
+@torch.no_grad()
+def encode(backbone: ClipBackbone, images: Tensor, plans: Sequence[Plan]) -> Tensor:
+    """Normalized image features `[B, e]` (float32), sample i under `plans[i]`'s vision prompts."""
+    if len(plans) != images.shape[0]:
+        raise ValueError("one plan per image")
+    out: Tensor | None = None
+    for signature, idx in group_by_signature(plans).items():
+        tokens, bias = gather_prompts([plans[i] for i in idx])
+        index = torch.tensor(idx, device=images.device)
+        feats = backbone.encode_image(
+            images.index_select(0, index),
+            tokens,
+            bias,
+            placement=signature.placement,  # type: ignore[arg-type]
+        )
+        feats = F.normalize(feats.float(), dim=-1)
+        if out is None:
+            out = feats.new_empty(images.shape[0], feats.shape[1])
+        out[index.to(out.device)] = feats
+    assert out is not None
+    return out
+
+
+@torch.no_grad()
+def classify(backbone: ClipBackbone, images: Tensor, plans: Sequence[Plan]) -> list[Tensor]:
+    """Logits per sample (`[C_i]`): encoder passes per signature, then one product per plan."""
+    feats = encode(backbone, images, plans)
+    by_plan: dict[int, list[int]] = defaultdict(list)
+    for i, plan in enumerate(plans):
+        by_plan[id(plan)].append(i)
+    logits: list[Tensor | None] = [None] * len(plans)
+    for idx in by_plan.values():
+        plan = plans[idx[0]]
+        rows = plan.logits(feats[idx])
+        for j, i in enumerate(idx):
+            logits[i] = rows[j]
+    return [t for t in logits if t is not None]

@@ -1,0 +1,1 @@
+"""Converters from foreign checkpoint formats into ours (never used on uploaded bytes)."""

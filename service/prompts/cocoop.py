@@ -1,0 +1,147 @@
+"""CoCoOp (Zhou et al., CVPR 2022; KaiyangZhou/CoOp): context plus an image-conditional shift.
+
+A meta-net `Linear(e, e/16) -> ReLU -> Linear(e/16, d)` maps the normalized image feature to a
+shift added to every context token, so the class embeddings depend on the image: CoCoOp is the
+one method whose Plan carries a head instead of a fixed class matrix. Defaults are the published
+ones (4 context tokens initialized from "a photo of a").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from service.backbones.clip import ClipBackbone
+from service.prompts.base import (
+    DEFAULT_TEMPLATES,
+    MethodConfig,
+    Params,
+    Plan,
+    PromptMethod,
+    PromptText,
+    ctx_prefix,
+    default_linears,
+    normalize,
+    phrase_vectors,
+    prompt_text,
+)
+
+
+class CoCoOpConfig(MethodConfig):
+    n_ctx: int = Field(default=4, ge=1, le=64)
+    ctx_init: str = Field(default="a photo of a", max_length=200)
+
+
+def _n_ctx(cfg: Any) -> int:
+    return len(cfg.ctx_init.split(" ")) if cfg.ctx_init else int(cfg.n_ctx)
+
+
+def meta_shift(params: Params, image_features: Tensor) -> Tensor:
+    """The meta-net: normalized image features `[B, e]` -> context shift `[B, d]`."""
+    h = torch.relu(
+        nn.functional.linear(
+            image_features, params["meta_net.linear1.weight"], params["meta_net.linear1.bias"]
+        )
+    )
+    return nn.functional.linear(
+        h, params["meta_net.linear2.weight"], params["meta_net.linear2.bias"]
+    )
+
+
+def conditional_classes(
+    backbone: ClipBackbone, params: Params, text: PromptText, image_features: Tensor
+) -> Tensor:
+    """Normalized class embeddings per image `[B, C, e]`: one text pass over B*C prompts."""
+    batch, n_cls = image_features.shape[0], text.embeddings.shape[0]
+    shift = meta_shift(params, image_features.to(params["ctx"].dtype))
+    ctx = params["ctx"][None] + shift[:, None]  # [B, n, d]
+    tokens = ctx.repeat_interleave(n_cls, dim=0)[:, None]  # [B*C, 1, n, d]
+    emb = text.embeddings.repeat(batch, 1, 1)
+    feats = backbone.encode_text_embeddings(emb, text.pool_index.repeat(batch), tokens=tokens)
+    return normalize(feats).view(batch, n_cls, -1)
+
+
+class CoCoOpHead:
+    """The image-conditional head of a materialized CoCoOp checkpoint."""
+
+    def __init__(self, backbone: ClipBackbone, params: Params, text: PromptText) -> None:
+        self.backbone, self.params, self.text = backbone, dict(params), text
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.params.values())
+
+    @torch.no_grad()
+    def __call__(self, image_features: Tensor) -> Tensor:
+        return conditional_classes(self.backbone, self.params, self.text, image_features)
+
+
+class CoCoOp(PromptMethod):
+    name = "cocoop"
+    Config = CoCoOpConfig
+    source = "Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)"
+
+    def shapes(
+        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+    ) -> dict[str, tuple[int, ...]]:
+        e, d = backbone.embed_dim, backbone.text_width
+        hidden = e // 16
+        return {
+            "ctx": (_n_ctx(cfg), d),
+            "meta_net.linear1.weight": (hidden, e),
+            "meta_net.linear1.bias": (hidden,),
+            "meta_net.linear2.weight": (d, hidden),
+            "meta_net.linear2.bias": (d,),
+        }
+
+    def init(
+        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+    ) -> dict[str, Tensor]:
+        e, d = backbone.embed_dim, backbone.text_width
+        (first,), (second,) = (
+            default_linears(seed, e, e // 16),
+            default_linears(seed + 1, e // 16, d),
+        )
+        params = super().init(backbone, cfg, classnames, seed)
+        params.update(
+            {
+                "meta_net.linear1.weight": first.weight.detach().clone(),
+                "meta_net.linear1.bias": first.bias.detach().clone(),
+                "meta_net.linear2.weight": second.weight.detach().clone(),
+                "meta_net.linear2.bias": second.bias.detach().clone(),
+            }
+        )
+        if cfg.ctx_init:
+            params["ctx"] = phrase_vectors(backbone, cfg.ctx_init, _n_ctx(cfg))
+        return params
+
+    def text(self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]) -> PromptText:
+        return prompt_text(backbone, classnames, ctx_prefix(backbone, _n_ctx(cfg), cfg.ctx_init))
+
+    def class_embeddings(
+        self,
+        params: Params,
+        backbone: ClipBackbone,
+        cfg: Any,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+    ) -> Tensor:
+        # Without an image the shift is the meta-net of a zero feature; training and serving
+        # use `conditional_classes` instead. Kept for the contract (e.g. inspecting labels).
+        text = self.text(backbone, cfg, classnames)
+        zero = torch.zeros(1, backbone.embed_dim, device=backbone.device)
+        return conditional_classes(backbone, params, text, zero)[0]
+
+    @torch.no_grad()
+    def materialize(
+        self,
+        params: Params,
+        backbone: ClipBackbone,
+        cfg: Any,
+        classnames: Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+    ) -> Plan:
+        params = {k: v.to(backbone.device) for k, v in params.items()}
+        head = CoCoOpHead(backbone, params, self.text(backbone, cfg, classnames))
+        return Plan(labels=tuple(classnames), logit_scale=backbone.logit_scale, head=head)

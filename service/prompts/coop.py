@@ -1,0 +1,108 @@
+"""CoOp (Zhou et al., IJCV 2022; KaiyangZhou/CoOp): learnable text context, frozen CLIP.
+
+Unified context `ctx [n, d]` or class-specific `ctx [C, n, d]`; the class token at the end,
+middle or front of the prompt; initialization from a phrase ("a photo of a"). The defaults are the
+published ones: 16 context tokens, unified, class token at the end, random init.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from service.backbones.clip import ClipBackbone
+from service.prompts.base import (
+    MethodConfig,
+    Params,
+    PromptMethod,
+    ctx_prefix,
+    normalize,
+    phrase_length,
+    phrase_vectors,
+    prompt_text,
+    readable,
+)
+
+
+class CoOpConfig(MethodConfig):
+    n_ctx: int = Field(default=16, ge=1, le=64)
+    csc: bool = False
+    class_token_position: Literal["end", "middle", "front"] = "end"
+    ctx_init: str = Field(default="", max_length=200)
+
+
+def effective_n_ctx(backbone: ClipBackbone, cfg: Any) -> int:
+    # With an init phrase the reference counts its *words* (`len(ctx_init.split(" "))`); any
+    # extra BPE tokens of the phrase stay fixed after the context, exactly as there.
+    return len(cfg.ctx_init.split(" ")) if cfg.ctx_init else int(cfg.n_ctx)
+
+
+def context_prompts(
+    backbone: ClipBackbone,
+    ctx: Tensor,
+    classnames: Sequence[str],
+    ctx_init: str,
+    position: str = "end",
+) -> Tensor:
+    """Text features `[C, e]` (normalized) with learned context around each class name."""
+    n_ctx = ctx.shape[-2]
+    text = prompt_text(backbone, classnames, ctx_prefix(backbone, n_ctx, ctx_init))
+    n_cls = len(classnames)
+    ctx = ctx.to(backbone.device)
+    if position == "end":
+        tokens = ctx[:, None] if ctx.dim() == 3 else ctx[None]
+        feats = backbone.encode_text_embeddings(text.embeddings, text.pool_index, tokens=tokens)
+        return normalize(feats)
+    ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(n_cls, -1, -1)
+    emb = text.embeddings
+    prefix, suffix = emb[:, :1], emb[:, 1 + n_ctx :]
+    rows = []
+    half = n_ctx // 2
+    for i, name in enumerate(classnames):
+        name_len = phrase_length(backbone, readable(name))
+        cls_tok, rest = suffix[i : i + 1, :name_len], suffix[i : i + 1, name_len:]
+        c = ctx[i : i + 1].to(emb.dtype)
+        if position == "middle":
+            parts = [prefix[i : i + 1], c[:, :half], cls_tok, c[:, half:], rest]
+        else:  # front
+            parts = [prefix[i : i + 1], cls_tok, c, rest]
+        rows.append(torch.cat(parts, dim=1))
+    feats = backbone.encode_text_embeddings(torch.cat(rows), text.pool_index)
+    return normalize(feats)
+
+
+class CoOp(PromptMethod):
+    name = "coop"
+    Config = CoOpConfig
+    source = "Zhou et al., Learning to Prompt for Vision-Language Models (IJCV 2022)"
+
+    def shapes(
+        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+    ) -> dict[str, tuple[int, ...]]:
+        n, d = effective_n_ctx(backbone, cfg), backbone.text_width
+        return {"ctx": (len(classnames), n, d) if cfg.csc else (n, d)}
+
+    def init(
+        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+    ) -> dict[str, Tensor]:
+        params = super().init(backbone, cfg, classnames, seed)
+        if cfg.ctx_init:
+            vec = phrase_vectors(backbone, cfg.ctx_init, effective_n_ctx(backbone, cfg))
+            params["ctx"] = vec.expand_as(params["ctx"]).clone()
+        return params
+
+    def class_embeddings(
+        self,
+        params: Params,
+        backbone: ClipBackbone,
+        cfg: Any,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+    ) -> Tensor:
+        return context_prompts(
+            backbone, params["ctx"], classnames, cfg.ctx_init, cfg.class_token_position
+        )

@@ -1,0 +1,114 @@
+"""MaPLe (Khattak et al., CVPR 2023; muzairkhattak/multimodal-prompt-learning).
+
+Text context `ctx [n, d_t]` and deeper text prompts `deep_text [depth-1, n, d_t]`; the vision
+prompts are their projections: layer 0 gets `proj(ctx)`, layer j gets `deep_proj[j-1](deep_text
+[j-1])`, so once trained they are fixed tensors and the Plan carries them like any deep tokens.
+Defaults from the paper: depth 9, 2 context tokens initialized from "a photo of a" (the rest of
+the phrase, "of a", stays as fixed words in the text prompt, as in the reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from service.backbones.clip import ClipBackbone
+from service.prompts.base import (
+    MethodConfig,
+    Params,
+    PromptMethod,
+    ctx_prefix,
+    default_linears,
+    normalize,
+    phrase_vectors,
+    prompt_text,
+)
+
+
+class MaPLeConfig(MethodConfig):
+    n_ctx: int = Field(default=2, ge=1, le=64)
+    depth: int = Field(default=9, ge=1, le=64)
+    ctx_init: str = Field(default="a photo of a", max_length=200)
+
+
+def _depth(backbone: ClipBackbone, cfg: Any) -> int:
+    # Depth counts layers of both towers; a smaller backbone caps it at its own layer count.
+    return min(int(cfg.depth), backbone.vision_layers, backbone.text_layers)
+
+
+def _uses_phrase(cfg: Any) -> bool:
+    return bool(cfg.ctx_init) and cfg.n_ctx <= 4
+
+
+class MaPLe(PromptMethod):
+    name = "maple"
+    Config = MaPLeConfig
+    source = "Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023)"
+
+    def shapes(
+        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+    ) -> dict[str, tuple[int, ...]]:
+        depth = _depth(backbone, cfg)
+        n, dt, dv = cfg.n_ctx, backbone.text_width, backbone.vision_width
+        shapes: dict[str, tuple[int, ...]] = {
+            "ctx": (n, dt),
+            "proj.weight": (dv, dt),
+            "proj.bias": (dv,),
+        }
+        if depth > 1:
+            deeper = depth - 1
+            shapes |= {
+                "deep_text": (deeper, n, dt),
+                "deep_proj.weight": (deeper, dv, dt),
+                "deep_proj.bias": (deeper, dv),
+            }
+        return shapes
+
+    def init(
+        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+    ) -> dict[str, Tensor]:
+        params = super().init(backbone, cfg, classnames, seed)
+        dt, dv = backbone.text_width, backbone.vision_width
+        layers = default_linears(seed, dt, dv, _depth(backbone, cfg))
+        params["proj.weight"] = layers[0].weight.detach().clone()
+        params["proj.bias"] = layers[0].bias.detach().clone()
+        if len(layers) > 1:
+            params["deep_proj.weight"] = torch.stack([m.weight.detach() for m in layers[1:]])
+            params["deep_proj.bias"] = torch.stack([m.bias.detach() for m in layers[1:]])
+        if _uses_phrase(cfg):
+            params["ctx"] = phrase_vectors(backbone, cfg.ctx_init, cfg.n_ctx)
+        return params
+
+    def text_tokens(self, params: Params) -> Tensor:
+        """Text deep tokens `[depth, n, d_t]`: the context, then the deeper text prompts."""
+        ctx = params["ctx"][None]
+        return torch.cat([ctx, params["deep_text"]]) if "deep_text" in params else ctx
+
+    def vision_prompts(
+        self, params: Params, backbone: ClipBackbone, cfg: Any
+    ) -> tuple[Tensor | None, Tensor | None]:
+        first = nn.functional.linear(params["ctx"], params["proj.weight"], params["proj.bias"])
+        layers = [first[None]]
+        if "deep_text" in params:
+            deep = torch.einsum("lnt,lvt->lnv", params["deep_text"], params["deep_proj.weight"])
+            layers.append(deep + params["deep_proj.bias"][:, None])
+        return torch.cat(layers), None
+
+    def class_embeddings(
+        self,
+        params: Params,
+        backbone: ClipBackbone,
+        cfg: Any,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+    ) -> Tensor:
+        prefix = ctx_prefix(backbone, cfg.n_ctx, cfg.ctx_init if _uses_phrase(cfg) else "")
+        text = prompt_text(backbone, classnames, prefix)
+        feats = backbone.encode_text_embeddings(
+            text.embeddings, text.pool_index, tokens=self.text_tokens(params)
+        )
+        return normalize(feats)
