@@ -51,7 +51,7 @@ def test_wrong_shape(backbone, classnames):
 def test_missing_and_extra_tensors(backbone, classnames):
     params, manifest = _good(backbone, classnames)
     missing = {k: v for k, v in params.items() if k != "proj.bias"}
-    with pytest.raises(errors.MissingTensor, match="proj.bias"):
+    with pytest.raises(errors.MissingTensor, match=r"proj\.bias"):
         load(dump(missing, manifest), backbone)
     with pytest.raises(errors.ExtraTensor, match="surprise"):
         load(dump({**params, "surprise": torch.zeros(1)}, manifest), backbone)
