@@ -94,3 +94,22 @@ def test_different_signatures_get_one_pass_each(backbone, images, classnames, mo
     assert counter.calls == 3
     for a, b in zip(alone, feats, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_materialize_encodes_class_text_once(backbone, images, classnames):
+    m = get_method("maple")
+    cfg = m.config({"depth": 2})
+    params = m.init(backbone, cfg, classnames, seed=0)
+    before = backbone.text_calls
+    plan = m.materialize(params, backbone, cfg, classnames)
+    assert backbone.text_calls == before + 1  # all classes in one text pass
+    for _ in range(3):
+        classify(backbone, images, [plan] * len(images))
+    assert backbone.text_calls == before + 1  # never again per request
+
+
+def test_cocoop_runs_one_text_pass_per_batch(backbone, images, classnames):
+    plan = _plan(backbone, "cocoop", classnames, 0)
+    before = backbone.text_calls
+    classify(backbone, images, [plan] * len(images))
+    assert backbone.text_calls == before + 1  # B x C conditional prompts in one pass
