@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc"])
     p.add_argument("--name", required=True)
     p.add_argument("--classnames", required=True, help="text file, one class name per line")
-    p.add_argument("--ctx-init", default="a photo of a", help="the reference's CTX_INIT")
+    p.add_argument(
+        "--ctx-init",
+        default=None,
+        help="the run's CTX_INIT (default: none for CoOp/CoCoOp, 'a photo of a' otherwise)",
+    )
     p.add_argument("--class-token-position", default="end", choices=["end", "middle", "front"])
     p.add_argument("--out", help="output .safetensors (default NAME.safetensors)")
     _backbone_flags(p)

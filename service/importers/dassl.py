@@ -74,20 +74,45 @@ def _deep_stack(state: Mapping[str, Tensor], tower: str, first: Tensor) -> Tenso
     return torch.stack([_f32(first), *(_f32(t) for t in deeper)])
 
 
+def _coop_phrase(ctx_init: str | None, n_ctx: int) -> str:
+    # CoOp/CoCoOp count the phrase's *words* as context; its extra BPE tokens (e.g. "itap" ->
+    # "it ap") stay fixed in the prompt. Used only when given, and must fit the context.
+    if not ctx_init:
+        return ""
+    words = len(ctx_init.split(" "))
+    if words != n_ctx:
+        raise InvalidContent(
+            f"--ctx-init {ctx_init!r} has {words} words but the checkpoint has {n_ctx} context "
+            "vectors; pass the run's CTX_INIT, or none for a randomly initialized context"
+        )
+    return ctx_init
+
+
 def convert(
-    state: Mapping[str, Tensor], method: str, ctx_init: str = "a photo of a"
+    state: Mapping[str, Tensor], method: str, ctx_init: str | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Reference state dict -> (our parameters, our method config)."""
+    """Reference state dict -> (our parameters, our method config).
+
+    `ctx_init` is the run's CTX_INIT: for CoOp/CoCoOp only when given; MaPLe, IVLP and
+    PromptSRC default to their reference default, "a photo of a".
+    """
+    phrase = "a photo of a" if ctx_init is None else ctx_init
     s = {
         k.removeprefix("prompt_learner.") if method in ("coop", "cocoop") else k: v
         for k, v in state.items()
     }
     if method == "coop":
         ctx = _f32(s["ctx"])
-        return {"ctx": ctx}, {"n_ctx": ctx.shape[-2], "csc": ctx.dim() == 3, "ctx_init": ""}
+        n = ctx.shape[-2]
+        return {"ctx": ctx}, {
+            "n_ctx": n,
+            "csc": ctx.dim() == 3,
+            "ctx_init": _coop_phrase(ctx_init, n),
+        }
     if method == "cocoop":
         params = {k: _f32(v) for k, v in s.items() if k == "ctx" or k.startswith("meta_net.")}
-        return params, {"n_ctx": params["ctx"].shape[0], "ctx_init": ""}
+        n = params["ctx"].shape[0]
+        return params, {"n_ctx": n, "ctx_init": _coop_phrase(ctx_init, n)}
     if method == "maple":
         ctx = _f32(s["prompt_learner.ctx"])
         params = {
@@ -106,7 +131,7 @@ def convert(
             params["deep_proj.bias"] = torch.stack(
                 [_f32(s[f"{pre}_projections.{i}.bias"]) for i in deeper]
             )
-        return params, {"n_ctx": ctx.shape[0], "depth": depth, "ctx_init": ctx_init}
+        return params, {"n_ctx": ctx.shape[0], "depth": depth, "ctx_init": phrase}
     vision = _deep_stack(s, "image", s["image_encoder.VPT"])
     if method == "vpt":
         return {"vision_ctx": vision}, {
@@ -120,7 +145,7 @@ def convert(
             "depth_vision": len(vision),
             "n_ctx_text": text.shape[1],
             "depth_text": len(text),
-            "ctx_init": ctx_init,
+            "ctx_init": phrase,
         }
         return {"vision_ctx": vision, "text_ctx": text}, config
     raise InvalidContent(f"no Dassl importer for method {method!r}")
@@ -133,7 +158,7 @@ def import_dassl(
     classnames: Sequence[str],
     backbone: ClipBackbone,
     method: str | None = None,
-    ctx_init: str = "a photo of a",
+    ctx_init: str | None = None,
     class_token_position: str = "end",
 ) -> tuple[Checkpoint, bytes]:
     """Convert a reference checkpoint into a validated promptserve checkpoint (and its bytes)."""

@@ -271,3 +271,21 @@ def test_cli_import_writes_a_loadable_checkpoint(backbone, classnames, tmp_path,
     from service.checkpoints import load
 
     assert load(out.read_bytes(), backbone).manifest.classnames == classnames
+
+
+def test_coop_phrase_with_more_tokens_than_words(backbone, images, classnames, tmp_path):
+    """CTX_INIT "itap of a": 3 words (the context) but 4 BPE tokens; the extra token stays fixed
+    in the prompt, as in the reference (found by running the reference code itself)."""
+    ctx = rnd(3, backbone.text_width)
+    path = _save(tmp_path, {"ctx": ctx})
+    ckpt, _ = import_dassl(
+        path, name="itap", classnames=classnames, backbone=backbone, ctx_init="itap of a"
+    )
+    m = backbone.model
+    prompts, tokenized = ref_prompts(m, _tok(backbone), classnames, "itap of a", 3, _f(ctx))
+    ref = ref_logits(m, m.encode_image(images), ref_text(m, prompts, tokenized, []))
+    assert (_ours(backbone, ckpt, images) - ref).abs().max() <= 1e-4
+    with pytest.raises(InvalidContent, match="3 context vectors"):
+        import_dassl(
+            path, name="itap", classnames=classnames, backbone=backbone, ctx_init="a photo of a"
+        )
