@@ -125,6 +125,12 @@ class InvalidClassnames(InvalidCheckpoint):
     code = "invalid_classnames"
 
 
+class CorruptCheckpoint(InvalidCheckpoint):
+    """Stored bytes failed their checksum: the copy at rest is damaged."""
+
+    code = "corrupt_checkpoint"
+
+
 class CheckpointTooLarge(TooLarge):
     code = "checkpoint_too_large"
 

@@ -82,6 +82,24 @@ class Plan:
         per_image = self.head(feats)
         return self.logit_scale * torch.einsum("be,bce->bc", feats, per_image)
 
+    def to(self, device: torch.device | str) -> Plan:
+        """The same plan with its tensors on `device` (residency moves plans between tiers)."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        move_head = getattr(self.head, "to", None)
+        head = move_head(device) if move_head is not None else self.head
+        return Plan(
+            labels=self.labels,
+            logit_scale=self.logit_scale,
+            classes=move(self.classes),
+            head=head,
+            vision_tokens=move(self.vision_tokens),
+            vision_bias=move(self.vision_bias),
+            placement=self.placement,
+        )
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the plan's tensors (what residency budgets count)."""

@@ -72,9 +72,16 @@ class CoCoOpHead:
         self.backbone, self.params, self.text = backbone, dict(params), text
         self.nbytes = sum(t.numel() * t.element_size() for t in self.params.values())
 
+    def to(self, device: torch.device | str) -> CoCoOpHead:
+        # The head runs the backbone's text tower, so it computes where the backbone is; only
+        # its parameters move between residency tiers.
+        params = {k: v.to(device) for k, v in self.params.items()}
+        return CoCoOpHead(self.backbone, params, self.text)
+
     @torch.no_grad()
     def __call__(self, image_features: Tensor) -> Tensor:
-        return conditional_classes(self.backbone, self.params, self.text, image_features)
+        params = {k: v.to(self.backbone.device) for k, v in self.params.items()}
+        return conditional_classes(self.backbone, params, self.text, image_features)
 
 
 class CoCoOp(PromptMethod):

@@ -1,0 +1,44 @@
+"""Publishing a checkpoint: fully validated against the backbone before the store sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import prompts_store as ps
+from service import checkpoints
+from service.backbones.clip import ClipBackbone
+from service.engine.store_errors import store_errors
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    version: int
+    method: str
+    active: bool
+
+
+def publish(
+    store: ps.PromptStore,
+    backbone: ClipBackbone,
+    data: bytes,
+    *,
+    activate: bool = True,
+    max_bytes: int = checkpoints.MAX_CHECKPOINT_BYTES,
+) -> Published:
+    """Validate checkpoint bytes (format, manifest, shapes, fingerprint, values), then store them.
+
+    The name comes from the manifest. Nothing reaches the store unless every check passed.
+    """
+    ckpt = checkpoints.load(data, backbone, max_bytes)
+    m = ckpt.manifest
+    meta = {
+        "method": m.method,
+        "classes": len(m.classnames),
+        "backbone": m.backbone.fingerprint,
+        "created_at": m.created_at,
+        "metrics": m.metrics,
+    }
+    with store_errors():
+        version = store.put(m.name, data, meta, activate=activate)
+    return Published(m.name, version, m.method, activate)
