@@ -115,6 +115,7 @@ class TextParts:
     attn_mask: Tensor | None
     pool_type: str
     eos_id: int | None
+    causal: bool
 
     @classmethod
     def of(cls, model: nn.Module) -> TextParts:
@@ -126,7 +127,16 @@ class TextParts:
             getattr(text, "pool_type", None) or getattr(model, "text_pool_type", "argmax")
         )
         eos_id = getattr(text, "eos_id", None) or getattr(model, "text_eos_id", None)
+        mask = text.attn_mask
+        causal = (
+            mask is not None
+            and mask.dim() == 2
+            and bool(
+                torch.equal(torch.isinf(mask), torch.ones_like(mask, dtype=torch.bool).triu(1))
+            )
+        )
         return cls(
+            causal=causal,
             token_embedding=text.token_embedding,
             positional_embedding=text.positional_embedding,
             transformer=text.transformer,
@@ -164,6 +174,10 @@ def encode_text(
     `bias`: `[N, Lb, width]` or `[Lb, width]`.
     """
     cast = parts.transformer.get_cast_dtype()
+    if parts.causal and parts.pool_type in ("argmax", "eos", "first"):
+        # Under a causal mask the pooled token never sees the padding after it: run only up to
+        # the longest prompt (about 10 of 77 tokens for class prompts, a 5-7x saving).
+        embeddings = embeddings[:, : int(pool_index.max().item()) + 1]
     batch, length = embeddings.shape[:2]
     tokens = _per_sample(tokens, batch, 4)
     bias = _per_sample(bias, batch, 3)

@@ -150,3 +150,20 @@ def test_bad_model_config_and_unknown_model(tmp_path):
     with pytest.raises(BackboneError, match="unknown open_clip model"):
         load_clip("No-Such-Model", "none")
     assert "tiny_clip" in open_clip.list_models()
+
+
+def test_text_runs_only_up_to_the_longest_prompt(backbone, monkeypatch):
+    """Under the causal mask the pooled token never sees later padding, so it is not computed."""
+    lengths = []
+    block = backbone.text.transformer.resblocks[0]
+    original = block.forward
+
+    def recording(x, *args, **kwargs):
+        lengths.append(x.shape[1])
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", recording)
+    ids = backbone.tokenize(["a photo of a cat.", "dog"])
+    out = backbone.encode_text_ids(ids)
+    assert lengths == [int(ids.argmax(-1).max()) + 1] and lengths[0] < backbone.context_length
+    assert (out - backbone.model.encode_text(ids)).abs().max() <= 1e-5
