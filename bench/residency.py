@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import backbone, checkpoint_bytes, percentile  # noqa: E402
-from prompts_store import open_store  # noqa: E402
-from service.engine.publish import publish  # noqa: E402
-from service.engine.residency import Residency  # noqa: E402
+from bench.common import backbone, checkpoint_bytes, percentile
+from prompts_store import open_store
+from service.engine.publish import publish
+from service.engine.residency import Residency
 
 
 def main() -> None:
