@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint format typecheck clean system-deps
+.PHONY: test check lint format typecheck clean system-deps run
 
 # Tests start their own redis-server on loopback; install Debian's package where it is missing.
 system-deps:
@@ -37,3 +37,7 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Runs the service with the settings from the environment (PROMPTSERVE_*; see README).
+run: $(STAMP)
+	$(VENV)/bin/promptserve serve

@@ -31,16 +31,40 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def load_backbone(settings: Settings) -> Any:
-    from service.backbones.clip import load_clip
+    from service.app import load_backbone as load
 
-    return load_clip(
-        settings.model,
-        settings.pretrained,
-        model_config=settings.model_config_path,
-        device=settings.device,
-        precision=settings.precision,
-        cache_dir=settings.cache_dir,
+    return load(settings)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import LOOPBACK
+
+    settings = settings_from(args)
+    log = logging.getLogger("promptserve")
+    if not settings.auth_enabled:
+        if settings.host not in LOOPBACK and not settings.allow_insecure:
+            print(
+                f"error (insecure_bind): no API keys are configured, so promptserve listens on "
+                f"loopback only; refusing to bind {settings.host}. Set PROMPTSERVE_API_KEYS / "
+                "PROMPTSERVE_ADMIN_KEYS, or pass --allow-insecure to serve without keys.",
+                file=sys.stderr,
+            )
+            return 2
+        log.warning("auth: none (no API keys configured); listening on %s", settings.host)
+    # Load the backbone before binding, so missing weights are a clear error, not a crash loop.
+    backbone = load_backbone(settings)
+    app = create_app(settings, backbone=backbone)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        log_level="info",
     )
+    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -71,6 +95,21 @@ def cmd_import(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the HTTP service")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--store", help="file://DIR or redis://HOST:PORT/DB")
+    s.add_argument(
+        "--allow-insecure",
+        dest="allow_insecure",
+        action="store_const",
+        const=True,
+        help="serve a non-loopback address without API keys",
+    )
+    s.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    s.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
+    _backbone_flags(s)
+    s.set_defaults(func=cmd_serve)
     p = sub.add_parser("import", help="convert a reference (Dassl .pth) checkpoint")
     p.add_argument("src", help="model.pth.tar-N of CoOp/CoCoOp/MaPLe/VPT/IVLP/PromptSRC")
     p.add_argument("--method", choices=["coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc"])

@@ -65,6 +65,37 @@ class DeadlineExceeded(PromptServeError):
     code = "deadline_exceeded"
 
 
+# --- request content -----------------------------------------------------------------------------
+
+
+class InvalidBase64(BadRequest):
+    code = "invalid_base64"
+
+
+class InvalidImage(InvalidContent):
+    """Truncated, corrupt, or not decodable as the format its header claims."""
+
+    code = "invalid_image"
+
+
+class ImageTooLarge(TooLarge):
+    """Too many bytes, or a header claiming more pixels than allowed (checked before decoding)."""
+
+    code = "image_too_large"
+
+
+class UnsupportedImageFormat(UnsupportedMedia):
+    code = "unsupported_image_format"
+
+
+class BodyTooLarge(TooLarge):
+    code = "body_too_large"
+
+
+class TooManyImages(TooLarge):
+    code = "too_many_images"
+
+
 # --- the backbone --------------------------------------------------------------------------------
 
 

@@ -7,12 +7,15 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
 
 class Settings(BaseSettings):
     """Validated once at start and never mutated afterwards."""
 
     model_config = SettingsConfigDict(env_prefix="PROMPTSERVE_", frozen=True, extra="forbid")
 
+    # the backbone
     model: str = Field(default="ViT-B-32", description="open_clip architecture name")
     pretrained: str = Field(
         default="openai", description="open_clip pretrained tag, a weights file, or 'none'"
@@ -23,5 +26,38 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda:0")
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     cache_dir: str | None = Field(default=None, description="where pretrained tags download to")
+    # the store and residency
     store: str = Field(default="file://var/store", description="file://DIR or redis://HOST:PORT/DB")
     max_checkpoint_bytes: int = Field(default=256 * 2**20, ge=1024)
+    device_budget_mib: int = Field(default=512, ge=1, description="resident plans on the device")
+    host_budget_mib: int = Field(default=2048, ge=0, description="resident plans in host memory")
+    # the HTTP server
+    host: str = Field(default="127.0.0.1", description="address to bind")
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: str = Field(default="", description="comma-separated read keys")
+    admin_keys: str = Field(default="", description="comma-separated admin keys")
+    allow_insecure: bool = Field(
+        default=False, description="allow binding a non-loopback address with no API keys"
+    )
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, description="drain time on SIGTERM")
+    # batching and limits
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    max_queue: int = Field(default=256, ge=1, description="queued requests before 429")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="deadline per request")
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024)
+    max_images: int = Field(default=64, ge=1, description="images per request")
+    max_image_bytes: int = Field(default=10 * 2**20, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_adhoc_classes: int = Field(default=1000, ge=1, description="ad-hoc zero-shot classes")
+    zeroshot_cache_entries: int = Field(default=256, ge=1)
+
+    def read_keys(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    def admin_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.admin_keys.split(",") if k.strip())
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.read_keys() or self.admin_key_set())

@@ -1,0 +1,82 @@
+"""What routes get injected: the wired services and the caller's authorization."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+import prompts_store as ps
+from service import errors
+from service.backbones.clip import ClipBackbone
+from service.engine.inference import Inference
+from service.engine.residency import Residency
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+@dataclass
+class Services:
+    """Everything the lifespan wires once; routes reach it through `get_services`."""
+
+    settings: Settings
+    metrics: Metrics
+    backbone: ClipBackbone | None = None
+    store: ps.PromptStore | None = None
+    residency: Residency | None = None
+    inference: Inference | None = None
+    ready: bool = False
+    status: dict[str, str] = field(default_factory=dict)
+
+    def require(self) -> Inference:
+        if not self.ready or self.inference is None:
+            raise errors.NotReady("the service is starting or stopping; retry shortly")
+        return self.inference
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+_bearer = HTTPBearer(auto_error=False)
+Role = Literal["read", "admin"]
+
+
+def _role(settings: Settings, creds: HTTPAuthorizationCredentials | None) -> Role:
+    if not settings.auth_enabled:
+        return "admin"  # no keys: loopback-only service (enforced at bind time)
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise errors.Unauthorized("missing API key: send Authorization: Bearer <key>")
+    key = creds.credentials.encode()
+    # compare_digest per key: no early exit that would leak which prefix matched
+    if any(hmac.compare_digest(key, k.encode()) for k in settings.admin_key_set()):
+        return "admin"
+    if any(hmac.compare_digest(key, k.encode()) for k in settings.read_keys()):
+        return "read"
+    raise errors.Unauthorized("unknown API key")
+
+
+def require_read(
+    services: ServicesDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Role:
+    return _role(services.settings, creds)
+
+
+def require_admin(
+    services: ServicesDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Role:
+    role = _role(services.settings, creds)
+    if role != "admin":
+        raise errors.Forbidden("this route needs an admin key")
+    return role
+
+
+ReadAuth = Annotated[Role, Depends(require_read)]
+AdminAuth = Annotated[Role, Depends(require_admin)]

@@ -1,0 +1,178 @@
+"""create_app(settings): the FastAPI application and the lifespan that wires its parts.
+
+The lifespan loads the backbone once, opens the store, starts residency (hot swap) and the
+batcher, warms the model up, and only then reports ready. No module globals: everything hangs
+off `app.state.services`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prompts_store import open_store
+from service import __version__, errors
+from service.api import checkpoints, classify, ops
+from service.api.deps import Services
+from service.backbones.clip import ClipBackbone, load_clip
+from service.engine.batcher import Batcher
+from service.engine.forward import encode
+from service.engine.inference import Inference
+from service.engine.residency import Residency
+from service.engine.zeroshot_cache import ZeroShotCache
+from service.images import ImageLimits
+from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestId
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_backbone(settings: Settings) -> ClipBackbone:
+    """The frozen backbone the settings name (raises with the fix when weights are missing)."""
+    return load_clip(
+        settings.model,
+        settings.pretrained,
+        model_config=settings.model_config_path,
+        device=settings.device,
+        precision=settings.precision,
+        cache_dir=settings.cache_dir,
+    )
+
+
+async def _warm_up(backbone: ClipBackbone, batcher: Batcher) -> None:
+    """One batch through the whole path, so the first request does not pay for allocation."""
+    from service.engine.inference import _PLAIN
+
+    size = backbone.visual.image_size
+    hw = size if isinstance(size, tuple) else (size, size)
+    await batcher.submit(torch.zeros(1, 3, *hw), [_PLAIN], lambda f: f, None)
+    await asyncio.to_thread(backbone.text_features, ["warm up"])
+
+
+def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> FastAPI:
+    """The application; `backbone` may be injected (tests) instead of loaded from settings."""
+    services = Services(settings=settings, metrics=Metrics(lambda: services.residency))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bb = backbone if backbone is not None else await asyncio.to_thread(load_backbone, settings)
+        store = open_store(settings.store)
+        residency = Residency(
+            store,
+            bb,
+            device_budget=settings.device_budget_mib * 2**20,
+            host_budget=settings.host_budget_mib * 2**20,
+            max_checkpoint_bytes=settings.max_checkpoint_bytes,
+        )
+        residency.start()
+        batcher = Batcher(
+            functools.partial(encode, bb),
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            on_batch=services.metrics.batch_size.observe,
+        )
+        await batcher.start()
+        services.backbone, services.store, services.residency = bb, store, residency
+        services.inference = Inference(
+            backbone=bb,
+            residency=residency,
+            batcher=batcher,
+            zeroshot=ZeroShotCache(bb, settings.zeroshot_cache_entries, settings.max_adhoc_classes),
+            limits=ImageLimits(
+                max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+            ),
+            max_images=settings.max_images,
+            timeout_s=settings.request_timeout_s,
+        )
+        await _warm_up(bb, batcher)
+        services.status = {
+            "backbone": bb.model_name,
+            "pretrained": bb.pretrained,
+            "device": str(bb.device),
+            "runtime": "torch",
+            "fingerprint": bb.fingerprint,
+        }
+        services.ready = True
+        log.info(
+            "ready: %s on %s, store %s, auth %s",
+            bb.model_name,
+            bb.device,
+            settings.store.split("@")[-1],
+            "keys" if settings.auth_enabled else "none",
+        )
+        try:
+            yield
+        finally:
+            services.ready = False
+            await batcher.stop()
+            residency.close()
+            store.close()
+
+    app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan)
+    app.state.services = services
+    app.include_router(classify.router)
+    app.include_router(checkpoints.router)
+    app.include_router(ops.router)
+    _error_handlers(app, services)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestId)
+    return app
+
+
+def _error_handlers(app: FastAPI, services: Services) -> None:
+    def respond(status: int, code: str, message: str) -> JSONResponse:
+        services.metrics.errors.labels(code).inc()
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(
+            {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+        )
+
+    @app.exception_handler(errors.PromptServeError)
+    async def ours(request: Request, exc: errors.PromptServeError) -> JSONResponse:
+        return respond(errors.http_status(exc), exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return respond(400, "bad_request", "body is not valid JSON")
+        detail = "; ".join(
+            f"{'.'.join(str(x) for x in p.get('loc', ()))}: {p.get('msg')}" for p in problems[:5]
+        )
+        return respond(422, "invalid_request", detail[:2000])
+
+    @app.exception_handler(ValidationError)
+    async def invalid_model(request: Request, exc: ValidationError) -> JSONResponse:
+        detail = "; ".join(
+            f"{'.'.join(str(x) for x in p.get('loc', ()))}: {p.get('msg')}"
+            for p in exc.errors()[:5]
+        )
+        return respond(422, "invalid_request", detail[:2000])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return respond(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return respond(500, "internal", "internal error; it has been logged")
+
+
+def app_from_env() -> Any:
+    """Factory for `uvicorn --factory service.app:app_from_env` (settings from the environment)."""
+    return create_app(Settings())

@@ -1,0 +1,165 @@
+"""Requests -> batched model work: resolve checkpoints, decode images, submit, format results.
+
+One image encode per distinct *vision identity* (plans without vision tokens or biases all see
+the plain features, so any number of CoOp / zero-shot / dual-view checkpoints on one request
+share one encode), then one matrix product per checkpoint, in the batcher's worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service import errors
+from service.backbones.clip import ClipBackbone
+from service.engine.batcher import Batcher
+from service.engine.residency import Residency
+from service.engine.zeroshot_cache import ZeroShotCache
+from service.images import ImageLimits, decode_base64, open_image, to_batch
+from service.prompts.base import Plan
+
+
+@dataclass(frozen=True)
+class Target:
+    """One classifier a request asked for."""
+
+    checkpoint: str | None
+    version: int | None
+    method: str
+    plan: Plan
+
+
+def vision_key(plan: Plan) -> object:
+    """Plans with no vision tokens and no biases produce identical image features."""
+    if plan.vision_tokens is None and plan.vision_bias is None:
+        return "plain"
+    return id(plan)
+
+
+@dataclass
+class Inference:
+    """The serving pipeline shared by the HTTP routes."""
+
+    backbone: ClipBackbone
+    residency: Residency
+    batcher: Batcher
+    zeroshot: ZeroShotCache
+    limits: ImageLimits
+    max_images: int
+    timeout_s: float
+
+    # --- inputs --------------------------------------------------------------------------------
+    def check_count(self, n: int) -> None:
+        if n == 0:
+            raise errors.BadRequest("no images in the request; send at least one")
+        if n > self.max_images:
+            raise errors.TooManyImages(
+                f"{n} images in one request; at most {self.max_images} (split the request)"
+            )
+
+    def decode(self, items: Sequence[str | bytes]) -> Tensor:
+        """Base64 strings or raw bytes -> preprocessed batch (run in a worker thread)."""
+        self.check_count(len(items))
+        images = []
+        for item in items:
+            data = decode_base64(item, self.limits) if isinstance(item, str) else item
+            images.append(open_image(data, self.limits))
+        return to_batch(images, self.backbone.preprocess)
+
+    async def targets(
+        self,
+        checkpoint: str | None,
+        checkpoints: Sequence[str] | None,
+        classnames: Sequence[str] | None,
+        templates: Sequence[str] | None,
+    ) -> list[Target]:
+        """Exactly one way of naming classifiers -> resolved, resident targets."""
+        given = [x is not None for x in (checkpoint, checkpoints, classnames)]
+        if sum(given) != 1:
+            raise errors.BadRequest("give exactly one of checkpoint, checkpoints, classnames")
+        if classnames is not None:
+            plan = await asyncio.to_thread(self.zeroshot.plan, classnames, templates)
+            return [Target(None, None, "zeroshot", plan)]
+        if templates is not None:
+            raise errors.BadRequest("templates go with classnames (ad-hoc zero-shot) only")
+        refs = [checkpoint] if checkpoint is not None else list(checkpoints or [])
+        if not refs:
+            raise errors.BadRequest("checkpoints is empty; name at least one")
+        out = []
+        for ref in dict.fromkeys(refs):  # a repeated name is served once
+            resident = await asyncio.to_thread(self.residency.resolve, ref)
+            out.append(
+                Target(resident.name, resident.version, resident.manifest.method, resident.plan)
+            )
+        return out
+
+    # --- work ----------------------------------------------------------------------------------
+    async def classify(
+        self, items: Sequence[str | bytes], targets: list[Target], top_k: int
+    ) -> list[dict[str, Any]]:
+        """One result per target, one prediction list per image (softmax over its classes)."""
+        deadline = time.monotonic() + self.timeout_s
+        images = await asyncio.to_thread(self.decode, items)
+        groups: dict[object, list[Target]] = {}
+        for t in targets:
+            groups.setdefault(vision_key(t.plan), []).append(t)
+
+        def finisher(group: list[Target]) -> Callable[[Tensor], list[dict[str, Any]]]:
+            def finish(feats: Tensor) -> list[dict[str, Any]]:
+                return [self._predictions(t, feats, top_k) for t in group]
+
+            return finish
+
+        jobs = [
+            self.batcher.submit(images, [g[0].plan] * len(images), finisher(g), deadline)
+            for g in groups.values()
+        ]
+        done = await asyncio.gather(*jobs)
+        by_target = {
+            id(t): r
+            for g, rs in zip(groups.values(), done, strict=True)
+            for t, r in zip(g, rs, strict=True)
+        }
+        return [by_target[id(t)] for t in targets]
+
+    @staticmethod
+    def _predictions(target: Target, feats: Tensor, top_k: int) -> dict[str, Any]:
+        probs = target.plan.logits(feats).softmax(dim=-1)
+        k = min(top_k, probs.shape[-1])
+        scores, index = probs.topk(k, dim=-1)
+        labels = target.plan.labels
+        preds = [
+            [{"label": labels[j], "score": float(s)} for s, j in zip(row_s, row_i, strict=True)]
+            for row_s, row_i in zip(scores.tolist(), index.tolist(), strict=True)
+        ]
+        return {
+            "checkpoint": target.checkpoint,
+            "version": target.version,
+            "method": target.method,
+            "predictions": preds,
+        }
+
+    async def embed_images(self, items: Sequence[str | bytes], plan: Plan | None) -> Tensor:
+        """Normalized image embeddings, plain or under a plan's vision prompts (batched)."""
+        images = await asyncio.to_thread(self.decode, items)
+        plans = [plan or _PLAIN] * len(images)
+        deadline = time.monotonic() + self.timeout_s
+        return await self.batcher.submit(images, plans, lambda f: f.cpu(), deadline)
+
+    async def embed_texts(self, texts: Sequence[str]) -> Tensor:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip() or len(t) > 1000:
+                raise errors.BadRequest(f"text #{i} must be a non-empty string of <= 1000 chars")
+        feats = await asyncio.to_thread(self.backbone.text_features, list(texts))
+        return F.normalize(feats, dim=-1)
+
+
+# A plan with no prompts: the plain backbone (its class matrix is never used for embeddings).
+_PLAIN = Plan(labels=("",), logit_scale=1.0, classes=torch.zeros(1, 1))

@@ -1,0 +1,120 @@
+"""Request and response models of the HTTP API (the contract in DESIGN.md, extended only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REF = Field(
+    default=None, max_length=100, description="checkpoint name, or name@version to pin a version"
+)
+
+
+class ClassifyRequest(BaseModel):
+    """Exactly one of `checkpoint`, `checkpoints`, `classnames` (ad-hoc zero-shot)."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] = Field(description="base64 images (or data: URIs): JPEG, PNG or WebP")
+    checkpoint: str | None = REF
+    checkpoints: list[str] | None = Field(default=None, max_length=64)
+    classnames: list[str] | None = Field(default=None, description="ad-hoc zero-shot classes")
+    templates: list[str] | None = Field(default=None, description="templates with one {}")
+    top_k: int = Field(default=5, ge=1, le=1000)
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    checkpoint: str | None = Field(description="name; null for ad-hoc zero-shot")
+    version: int | None
+    method: str
+    predictions: list[list[Prediction]] = Field(description="one list per image, best first")
+
+
+class ClassifyResponse(BaseModel):
+    results: list[ClassifyResult]
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] = Field(default_factory=list, description="base64 images")
+    texts: list[str] = Field(default_factory=list, max_length=256)
+    checkpoint: str | None = Field(
+        default=None, max_length=100, description="embed images under this checkpoint's prompts"
+    )
+
+
+class EmbedResponse(BaseModel):
+    checkpoint: str | None
+    version: int | None
+    image_embeddings: list[list[float]]
+    text_embeddings: list[list[float]]
+
+
+class UploadResponse(BaseModel):
+    name: str
+    version: int
+    method: str
+    active: bool
+
+
+class ActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    expected: int | None = Field(
+        default=None, ge=0, description="compare-and-set: the version you believe is current"
+    )
+
+
+class ActivateResponse(BaseModel):
+    name: str
+    version: int
+    active: bool = True
+
+
+class VersionOut(BaseModel):
+    version: int
+    size: int
+    sha256: str
+    created_at: float
+    active: bool
+    meta: dict[str, Any]
+
+
+class CheckpointOut(BaseModel):
+    name: str
+    version: int | None = Field(description="the active version")
+    method: str | None = None
+    classes: int | None = None
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointOut]
+
+
+class CheckpointDetail(CheckpointOut):
+    versions: list[VersionOut]
+    classnames: list[str] | None = None
+
+
+class VersionList(BaseModel):
+    name: str
+    versions: list[VersionOut]
+
+
+class DeleteResponse(BaseModel):
+    name: str
+    deleted: bool = True
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
