@@ -1,0 +1,249 @@
+"""Dynamic batching in front of the model: concurrent requests share one encoder call.
+
+Requests wait in a bounded FIFO. One collector task takes the first, adds whole requests while
+the batch has room and `max_wait_ms` has not passed, and hands the batch to ONE worker thread
+that runs the model, then each request's `finish`: the event loop never computes, it only moves
+futures. Batches mix checkpoints on purpose: `run` (`forward.encode`) groups samples by plan
+signature itself, so splitting per checkpoint here would only cost encoder passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from service.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded, TooManyImages
+from service.prompts.base import Plan
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Run = Callable[[torch.Tensor, list[Plan]], torch.Tensor]
+Outcome = tuple[Any, BaseException | None]  # per request: (result, None) or (None, error)
+
+
+@dataclass(eq=False)
+class _Request:
+    images: torch.Tensor
+    n: int
+    plans: list[Plan]
+    finish: Callable[[torch.Tensor], Any]
+    deadline: float | None  # time.monotonic() value
+    future: asyncio.Future[Any]
+
+    def joins(self, first: _Request) -> bool:
+        # Requests are concatenated along the batch axis, so the rest of the shape, the dtype and
+        # the device must agree; a mismatch closes the batch instead of failing all of it.
+        a, b = self.images, first.images
+        return a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and a.device == b.device
+
+
+class Batcher:
+    """Coalesces concurrent `submit`s into batched `run` calls on one dedicated worker thread."""
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        self._run = run
+        self._max_batch, self._max_queue = max_batch_size, max_queue
+        self._max_wait = max_wait_ms / 1000.0
+        self._on_batch = on_batch
+        self._queue: deque[_Request] = deque()
+        self._arrived = asyncio.Event()  # set on every enqueue and on stop: wakes the collector
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests (not images) waiting; the batch being formed or run is not counted."""
+        return len(self._queue)
+
+    async def start(self) -> None:
+        """Start the collector task on the running loop and the worker thread."""
+        if self._task is not None or self._closing:
+            raise RuntimeError("a Batcher is started once")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptserve-batch")
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, finish what is queued within `timeout` s (the rest gets `NotReady`),
+        then stop. Safe to call more than once."""
+        self._closing = True
+        self._arrived.set()
+        task = self._task
+        # asyncio.wait (not wait_for) so that concurrent stop() calls all wait on the drain.
+        if task is not None and not (await asyncio.wait({task}, timeout=timeout))[0]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while self._queue:
+            _settle(self._queue.popleft().future, None, NotReady("shutting down"))
+        if self._executor is not None:
+            # A batch abandoned at the timeout may still be running: don't block the loop on it.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def submit(
+        self,
+        images: torch.Tensor,
+        plans: Sequence[Plan],
+        finish: Callable[[torch.Tensor], T],
+        deadline: float | None = None,
+    ) -> T:
+        """`finish(features of these images [n, e])`, computed in a shared batch.
+
+        Raises `TooManyImages` (n > max_batch_size), `Overloaded` (queue full, at once),
+        `DeadlineExceeded` (at `deadline`, a `time.monotonic()` value), `NotReady` (stopping),
+        and whatever `run` or `finish` raised, as is.
+        """
+        if self._closing or self._task is None:
+            raise NotReady("shutting down" if self._closing else "batcher not started")
+        if images.ndim != 4 or images.shape[0] != len(plans):
+            raise ValueError("images must be [n, C, H, W] with one plan per image")
+        if (n := int(images.shape[0])) == 0:
+            raise BadRequest("no images in the request")
+        if n > self._max_batch:
+            raise TooManyImages(f"{n} images in one request; at most {self._max_batch}")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        if (depth := len(self._queue)) >= self._max_queue:
+            # Fail fast: a 429 the client can back off from beats a queue that only grows.
+            raise Overloaded(f"server overloaded: {depth} requests queued; retry with backoff")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        request = _Request(images, n, list(plans), finish, deadline, future)
+        self._queue.append(request)
+        self._arrived.set()
+        timeout = None if deadline is None else deadline - time.monotonic()
+        try:
+            # On timeout or caller cancellation, wait_for cancels `future`: the collector and the
+            # worker skip cancelled requests, so nobody computes for a caller who has left.
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            if future.cancelled():
+                raise DeadlineExceeded("deadline passed while the request waited") from None
+            raise  # a TimeoutError raised by run or finish themselves
+        finally:
+            with contextlib.suppress(ValueError):  # already taken by the collector
+                self._queue.remove(request)
+
+    async def _collect(self) -> None:
+        while (batch := await self._gather()) is not None:
+            if batch:
+                await self._execute(batch)
+
+    async def _gather(self) -> list[_Request] | None:
+        """The next batch (possibly empty if all of it expired); None once stopping and drained."""
+        first = await self._take_first()
+        if first is None:
+            return None
+        batch, size = [first], first.n
+        window_end = time.monotonic() + self._max_wait
+        while size < self._max_batch:
+            if not self._queue:
+                remaining = window_end - time.monotonic()
+                if remaining <= 0 or self._closing:  # when stopping nothing more will arrive
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+                continue
+            head = self._queue[0]
+            if not _alive(head):
+                self._queue.popleft()
+                continue
+            # FIFO, requests never split: a head that does not fit closes the batch.
+            if size + head.n > self._max_batch or not head.joins(first):
+                break
+            batch.append(self._queue.popleft())
+            size += head.n
+        # Callers may have left or run out of time during the window: don't compute for them.
+        return [r for r in batch if _alive(r)]
+
+    async def _take_first(self) -> _Request | None:
+        while True:
+            while self._queue:
+                request = self._queue.popleft()
+                if _alive(request):
+                    return request
+            if self._closing:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        if self._on_batch is not None:
+            try:
+                self._on_batch(sum(r.n for r in batch))
+            except Exception:  # metrics must never take serving down
+                log.exception("on_batch callback failed")
+        try:
+            loop = asyncio.get_running_loop()
+            outcomes = await loop.run_in_executor(self._executor, self._compute, batch)
+        except asyncio.CancelledError:  # stop() gave up waiting: answer rather than hang
+            for r in batch:
+                _settle(r.future, None, NotReady("shutting down"))
+            raise
+        except Exception as exc:  # the executor itself failed; _compute catches model errors
+            outcomes = [(None, exc)] * len(batch)
+        for r, (result, error) in zip(batch, outcomes, strict=True):
+            _settle(r.future, result, error)
+
+    def _compute(self, batch: list[_Request]) -> list[Outcome]:
+        """One `run` for the whole batch, then each request's `finish` (worker thread only)."""
+        try:
+            images = batch[0].images if len(batch) == 1 else torch.cat([r.images for r in batch])
+            features = self._run(images, [p for r in batch for p in r.plans])
+            if features.shape[0] != images.shape[0]:
+                raise RuntimeError(f"run returned {features.shape[0]} rows for {len(images)}")
+        except Exception as exc:  # the whole batch shares the failure, as is
+            return [(None, exc)] * len(batch)
+        outcomes: list[Outcome] = []
+        offset = 0
+        for r in batch:
+            part, offset = features[offset : offset + r.n], offset + r.n
+            try:
+                # Skip callers who left. Reading done() off the loop is a benign race: at worst
+                # one finish runs in vain (its result is then dropped by _settle).
+                outcomes.append((None if r.future.done() else r.finish(part), None))
+            except Exception as exc:  # one request's post-processing fails only that request
+                outcomes.append((None, exc))
+        return outcomes
+
+
+def _alive(request: _Request) -> bool:
+    """False for a request nobody waits for any more; an expired one is told so."""
+    if request.future.done():
+        return False
+    if request.deadline is not None and time.monotonic() >= request.deadline:
+        request.future.set_exception(DeadlineExceeded("deadline passed while the request waited"))
+        return False
+    return True
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled or timed out meanwhile
+        pass
+    elif error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

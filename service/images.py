@@ -1,0 +1,180 @@
+"""Bounded, allow-listed image decoding: base64 text or raw bytes in, a loaded RGB image out.
+
+Every limit is checked on the cheapest thing that can prove it: the length of a base64 string
+before it is decoded, the byte count before Pillow sees the bytes, and the pixel count from the
+header before a single pixel is decoded. Only the allowed formats' parsers ever run, and every
+failure is one of the request-content errors in `service.errors`, never a Pillow exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from service.errors import (
+    ImageTooLarge,
+    InvalidBase64,
+    InvalidImage,
+    PromptServeError,
+    UnsupportedImageFormat,
+)
+
+# Leading bytes of the formats we allow: a file that starts like one of them but that Pillow
+# cannot identify is a broken JPEG/PNG/WebP (InvalidImage), not an unsupported format.
+_SIGNATURES = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "WEBP": (b"RIFF",),  # checked together with b"WEBP" at offset 8, below
+}
+_ALPHABET_HINT = "use the standard alphabet (A-Z a-z 0-9 + /) with '=' padding"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request image may be: encoded size, pixel count (from the header), formats."""
+
+    max_bytes: int = 10 * 2**20
+    max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+    def __post_init__(self) -> None:
+        # An unknown name would surface as a KeyError deep inside Image.open, on a request.
+        Image.init()
+        unknown = [f for f in self.formats if f not in Image.OPEN]
+        if unknown or not self.formats:
+            raise ValueError(f"image formats {unknown or '()'} are not readable by Pillow")
+
+
+def decode_base64(text: str, limits: ImageLimits) -> bytes:
+    """Decode plain base64 or a `data:...;base64,` URI, refusing oversize input before decoding."""
+    # Cheap bound before copying anything: line breaks may at most double a legitimate payload,
+    # and a data-URI prefix is short.
+    max_chars = 4 * -(-limits.max_bytes // 3)
+    if len(text) > 2 * max_chars + 256:
+        raise _too_many_bytes(len(text) * 3 // 4, limits)
+    if text[:5].lower() == "data:":
+        comma = text.find(",", 0, 256)  # media types are short; never scan a huge string
+        if comma < 0 or not text[:comma].lower().endswith(";base64"):
+            raise InvalidBase64("a data URI must look like 'data:image/png;base64,<data>'")
+        # The declared media type is not trusted: the bytes' own header decides the format.
+        text = text[comma + 1 :]
+    if not text.isascii():
+        raise InvalidBase64(
+            f"image is not valid base64: it has non-ASCII characters; {_ALPHABET_HINT}"
+        )
+    compact = "".join(text.split())  # MIME-style line breaks are common in clients
+    if not compact:
+        raise InvalidBase64("image is empty: send the image bytes as base64")
+    padding = 2 if compact.endswith("==") else 1 if compact.endswith("=") else 0
+    decoded_size = len(compact) * 3 // 4 - padding
+    if decoded_size > limits.max_bytes:
+        raise _too_many_bytes(decoded_size, limits)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise InvalidBase64(f"image is not valid base64 ({err}); {_ALPHABET_HINT}") from None
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode allow-listed image bytes into a fully loaded RGB image, within `limits`."""
+    # A global set elsewhere would make truncated uploads decode as grey padding: refuse loudly.
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False in this service")
+    if len(data) > limits.max_bytes:
+        raise _too_many_bytes(len(data), limits)
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    allowed = ", ".join(limits.formats)
+    try:
+        # `formats` keeps every other parser (TIFF, PSD, EPS/Ghostscript, ...) from ever running.
+        # Pillow's own bomb check raises (over 2x MAX_IMAGE_PIXELS) or warns (over 1x); we do not
+        # turn the warning into an error with warnings.catch_warnings(): that swaps process-wide
+        # filters and is not thread-safe. Our own pixel check below refuses those sizes anyway.
+        img = Image.open(BytesIO(data), formats=list(limits.formats))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageTooLarge(
+            f"image header claims too many pixels ({err}); send a smaller image"
+        ) from None
+    except UnidentifiedImageError:
+        if _looks_like(data, limits.formats):
+            raise InvalidImage("image header is corrupt: it could not be read") from None
+        raise UnsupportedImageFormat(
+            f"image format is not supported; send one of: {allowed}"
+        ) from None
+    except Exception as err:
+        raise InvalidImage(f"image could not be read ({type(err).__name__})") from None
+    with img:
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise InvalidImage(f"image header claims an empty size {width}x{height}")
+        pixel_cap = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+        if width * height > pixel_cap:
+            raise ImageTooLarge(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                f"{pixel_cap}; downscale it before sending"
+            )
+        try:
+            # Animated WebP/PNG: open() leaves the first frame current and load() decodes only
+            # that one, so we classify the first frame.
+            img.load()
+            return _to_rgb(_upright(img))
+        except PromptServeError:
+            raise
+        except Exception as err:  # truncated or corrupt data; never leak a Pillow exception
+            raise InvalidImage(
+                f"image data is truncated or corrupt ({type(err).__name__}: {err})"
+            ) from None
+
+
+def to_batch(
+    images: list[Image.Image], preprocess: Callable[[Image.Image], torch.Tensor]
+) -> torch.Tensor:
+    """Preprocess each image and stack them into one `[N, 3, H, W]` tensor."""
+    if not images:
+        raise ValueError("to_batch needs at least one image")
+    tensors = [preprocess(image) for image in images]
+    for t in tensors:
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise ValueError(f"preprocess must return [3, H, W], got {list(t.shape)}")
+    return torch.stack(tensors)
+
+
+def _too_many_bytes(size: int, limits: ImageLimits) -> ImageTooLarge:
+    return ImageTooLarge(
+        f"image is about {size} bytes, over the limit of {limits.max_bytes} bytes; "
+        "send a smaller or more compressed image"
+    )
+
+
+def _looks_like(data: bytes, formats: tuple[str, ...]) -> bool:
+    for fmt in formats:
+        if any(data.startswith(sig) for sig in _SIGNATURES.get(fmt, ())):
+            return fmt != "WEBP" or data[8:12] == b"WEBP"
+    return False
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    # A malformed EXIF block should not cost the user a decodable image: keep it as stored.
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    # 16/32-bit greyscale (16-bit PNG): scale to 8 bits; a plain convert would clip at 255.
+    if img.mode.startswith("I") or img.mode == "F":
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
+    # Transparency is composited on white rather than dropped: dropping alpha exposes whatever
+    # colour the encoder left under transparent pixels (often black), which misleads CLIP.
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
