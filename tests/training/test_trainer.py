@@ -1,0 +1,103 @@
+"""The trainer on the tiny backbone: every method learns, only prompt parameters change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.backbones.clip import fingerprint_state
+from service.prompts import get_method
+from service.training import losses
+from service.training.evaluate import accuracy, harmonic_mean
+from service.training.recipes import RECIPES
+from service.training.trainer import Cancelled, epoch_lr, tensor_batches, train
+
+TRAINABLE = sorted(RECIPES)
+SMALL = {"maple": {"depth": 2}, "coop": {"n_ctx": 4}, "vpt": {"n_ctx_vision": 2}}
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 32, 32, generator=gen)
+    labels = torch.arange(16) % 4
+    return images, labels
+
+
+def _fast(method, **extra):
+    return RECIPES[method].with_overrides(
+        {
+            "epochs": 6,
+            "warmup_epochs": 0,
+            "batch_size": 8,
+            "lr": 0.05,
+            "optimizer": "adamw",
+            "weight_decay": 0.0,
+            **extra,
+        }
+    )
+
+
+@pytest.mark.parametrize("method", TRAINABLE)
+def test_every_method_learns_and_the_backbone_stays_frozen(backbone, classnames, method):
+    images, labels = _data()
+    before = backbone.fingerprint
+    recipe = _fast(method, gpa_mean=6.0 if method == "promptsrc" else 0.0)
+    result = train(
+        method,
+        backbone,
+        tensor_batches(images, labels, recipe.batch_size),
+        classnames,
+        method_config=SMALL.get(method),
+        recipe=recipe,
+    )
+    curve = [row["loss"] for row in result.history]
+    assert curve[-1] < curve[0], curve
+    m = get_method(method)
+    shapes = m.shapes(backbone, m.config(result.config), classnames)
+    assert {k: tuple(v.shape) for k, v in result.params.items()} == shapes
+    assert not any(v.requires_grad for v in result.params.values())
+    assert fingerprint_state(backbone.model.state_dict()) == before
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+
+
+def test_trained_plan_beats_its_initialization_on_training_data(backbone, classnames):
+    images, labels = _data()
+    recipe = _fast("bias", epochs=15, batch_size=16)
+    m = get_method("bias")
+    cfg = m.config()
+    start = m.materialize(m.init(backbone, cfg, classnames), backbone, cfg, classnames)
+    result = train("bias", backbone, tensor_batches(images, labels, 16), classnames, recipe=recipe)
+    plan = m.materialize(result.params, backbone, cfg, classnames)
+    before = accuracy(backbone, start, images, labels, classnames)["accuracy"]
+    after = accuracy(backbone, plan, images, labels, classnames)
+    assert after["accuracy"] > before and set(after["per_class"]) == set(classnames)
+
+
+def test_schedule_warmup_then_cosine():
+    r = RECIPES["maple"]
+    assert epoch_lr(r, 0) == r.warmup_lr
+    assert epoch_lr(r, 1) == pytest.approx(r.lr)
+    assert epoch_lr(r, 1) > epoch_lr(r, 2) > epoch_lr(r, 4) > 0
+
+
+def test_gaussian_epoch_weights_peak_at_the_mean():
+    w = losses.gaussian_weights(20, 15, 1)
+    assert sum(w) == pytest.approx(1.0) and max(range(20), key=w.__getitem__) == 14
+
+
+def test_cancel_stops_training(backbone, classnames):
+    images, labels = _data()
+    with pytest.raises(Cancelled):
+        train(
+            "coop",
+            backbone,
+            tensor_batches(images, labels, 4),
+            classnames,
+            method_config={"n_ctx": 4},
+            should_stop=lambda: True,
+        )
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.8 * 0.6 / 1.4)
+    assert harmonic_mean(0.0, 0.0) == 0.0
