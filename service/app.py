@@ -53,11 +53,11 @@ def load_backbone(settings: Settings) -> ClipBackbone:
 
 async def _warm_up(backbone: ClipBackbone, batcher: Batcher) -> None:
     """One batch through the whole path, so the first request does not pay for allocation."""
-    from service.engine.inference import _PLAIN
+    from service.engine.inference import PLAIN_PLAN
 
     size = backbone.visual.image_size
     hw = size if isinstance(size, tuple) else (size, size)
-    await batcher.submit(torch.zeros(1, 3, *hw), [_PLAIN], lambda f: f, None)
+    await batcher.submit(torch.zeros(1, 3, *hw), [PLAIN_PLAN], lambda f: f, None)
     await asyncio.to_thread(backbone.text_features, ["warm up"])
 
 

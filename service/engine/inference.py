@@ -149,7 +149,7 @@ class Inference:
     async def embed_images(self, items: Sequence[str | bytes], plan: Plan | None) -> Tensor:
         """Normalized image embeddings, plain or under a plan's vision prompts (batched)."""
         images = await asyncio.to_thread(self.decode, items)
-        plans = [plan or _PLAIN] * len(images)
+        plans = [plan or PLAIN_PLAN] * len(images)
         deadline = time.monotonic() + self.timeout_s
         return await self.batcher.submit(images, plans, lambda f: f.cpu(), deadline)
 
@@ -162,4 +162,4 @@ class Inference:
 
 
 # A plan with no prompts: the plain backbone (its class matrix is never used for embeddings).
-_PLAIN = Plan(labels=("",), logit_scale=1.0, classes=torch.zeros(1, 1))
+PLAIN_PLAN = Plan(labels=("",), logit_scale=1.0, classes=torch.zeros(1, 1))

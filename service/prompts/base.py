@@ -246,6 +246,13 @@ def prompt_text(backbone: ClipBackbone, classnames: Sequence[str], prefix: str) 
     return PromptText(ids, emb, backbone.text.pool_index(ids))
 
 
+def context_size(cfg: Any) -> int:
+    """Context tokens of a CoOp-style prompt: with an init phrase the reference counts its *words*
+    (`len(ctx_init.split(" "))`); any extra BPE tokens of the phrase stay fixed after the
+    context, exactly as there."""
+    return len(cfg.ctx_init.split(" ")) if cfg.ctx_init else int(cfg.n_ctx)
+
+
 def ctx_prefix(backbone: ClipBackbone, n_ctx: int, ctx_init: str) -> str:
     """The words the context replaces: the init phrase, or n placeholder tokens."""
     return ctx_init.replace("_", " ") if ctx_init else " ".join(["X"] * n_ctx)

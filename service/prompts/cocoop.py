@@ -23,6 +23,7 @@ from service.prompts.base import (
     Plan,
     PromptMethod,
     PromptText,
+    context_size,
     ctx_prefix,
     default_linears,
     normalize,
@@ -34,10 +35,6 @@ from service.prompts.base import (
 class CoCoOpConfig(MethodConfig):
     n_ctx: int = Field(default=4, ge=1, le=64)
     ctx_init: str = Field(default="a photo of a", max_length=200)
-
-
-def _n_ctx(cfg: Any) -> int:
-    return len(cfg.ctx_init.split(" ")) if cfg.ctx_init else int(cfg.n_ctx)
 
 
 def meta_shift(params: Params, image_features: Tensor) -> Tensor:
@@ -95,7 +92,7 @@ class CoCoOp(PromptMethod):
         e, d = backbone.embed_dim, backbone.text_width
         hidden = e // 16
         return {
-            "ctx": (_n_ctx(cfg), d),
+            "ctx": (context_size(cfg), d),
             "meta_net.linear1.weight": (hidden, e),
             "meta_net.linear1.bias": (hidden,),
             "meta_net.linear2.weight": (d, hidden),
@@ -120,11 +117,13 @@ class CoCoOp(PromptMethod):
             }
         )
         if cfg.ctx_init:
-            params["ctx"] = phrase_vectors(backbone, cfg.ctx_init, _n_ctx(cfg))
+            params["ctx"] = phrase_vectors(backbone, cfg.ctx_init, context_size(cfg))
         return params
 
     def text(self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]) -> PromptText:
-        return prompt_text(backbone, classnames, ctx_prefix(backbone, _n_ctx(cfg), cfg.ctx_init))
+        return prompt_text(
+            backbone, classnames, ctx_prefix(backbone, context_size(cfg), cfg.ctx_init)
+        )
 
     def class_embeddings(
         self,

@@ -19,6 +19,7 @@ from service.prompts.base import (
     MethodConfig,
     Params,
     PromptMethod,
+    context_size,
     ctx_prefix,
     normalize,
     phrase_length,
@@ -33,12 +34,6 @@ class CoOpConfig(MethodConfig):
     csc: bool = False
     class_token_position: Literal["end", "middle", "front"] = "end"
     ctx_init: str = Field(default="", max_length=200)
-
-
-def effective_n_ctx(backbone: ClipBackbone, cfg: Any) -> int:
-    # With an init phrase the reference counts its *words* (`len(ctx_init.split(" "))`); any
-    # extra BPE tokens of the phrase stay fixed after the context, exactly as there.
-    return len(cfg.ctx_init.split(" ")) if cfg.ctx_init else int(cfg.n_ctx)
 
 
 def context_prompts(
@@ -83,7 +78,7 @@ class CoOp(PromptMethod):
     def shapes(
         self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
-        n, d = effective_n_ctx(backbone, cfg), backbone.text_width
+        n, d = context_size(cfg), backbone.text_width
         return {"ctx": (len(classnames), n, d) if cfg.csc else (n, d)}
 
     def init(
@@ -91,7 +86,7 @@ class CoOp(PromptMethod):
     ) -> dict[str, Tensor]:
         params = super().init(backbone, cfg, classnames, seed)
         if cfg.ctx_init:
-            vec = phrase_vectors(backbone, cfg.ctx_init, effective_n_ctx(backbone, cfg))
+            vec = phrase_vectors(backbone, cfg.ctx_init, context_size(cfg))
             params["ctx"] = vec.expand_as(params["ctx"]).clone()
         return params
 

@@ -21,6 +21,7 @@ from service.prompts.base import (
     MethodConfig,
     Params,
     PromptMethod,
+    context_size,
     normalize,
     phrase_vectors,
     template_embeddings,
@@ -32,10 +33,6 @@ class DualViewConfig(MethodConfig):
     n_ctx: int = Field(default=4, ge=1, le=64)
     ctx_init: str = Field(default="a photo of a", max_length=200)
     view_weight: float = Field(default=0.5, ge=0.0, le=1.0)
-
-
-def _n_ctx(cfg: Any) -> int:
-    return len(cfg.ctx_init.split(" ")) if cfg.ctx_init else int(cfg.n_ctx)
 
 
 def soft_view(
@@ -60,14 +57,14 @@ class DualView(PromptMethod):
     def shapes(
         self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
-        return {"ctx": (_n_ctx(cfg), backbone.text_width)}
+        return {"ctx": (context_size(cfg), backbone.text_width)}
 
     def init(
         self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         params = super().init(backbone, cfg, classnames, seed)
         if cfg.ctx_init:
-            params["ctx"] = phrase_vectors(backbone, cfg.ctx_init, _n_ctx(cfg))
+            params["ctx"] = phrase_vectors(backbone, cfg.ctx_init, context_size(cfg))
         return params
 
     def class_embeddings(
