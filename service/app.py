@@ -30,6 +30,8 @@ from service.engine.batcher import Batcher
 from service.engine.forward import encode
 from service.engine.inference import Inference
 from service.engine.residency import Residency
+from service.engine.runtimes.select import describe as describe_runtime
+from service.engine.runtimes.select import select_runtime
 from service.engine.zeroshot_cache import ZeroShotCache
 from service.images import ImageLimits
 from service.metrics import Metrics
@@ -77,8 +79,16 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
             max_checkpoint_bytes=settings.max_checkpoint_bytes,
         )
         residency.start()
+        runtime, reason = select_runtime(
+            settings.runtime,
+            bb,
+            cache_dir=settings.onnx_cache_dir,
+            threads=settings.onnx_threads,
+            int8=settings.onnx_int8,
+        )
+        log.info("runtime %s: %s", runtime.name, reason)
         batcher = Batcher(
-            functools.partial(encode, bb),
+            functools.partial(encode, bb, runtime=runtime),
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -102,14 +112,15 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
             "backbone": bb.model_name,
             "pretrained": bb.pretrained,
             "device": str(bb.device),
-            "runtime": "torch",
             "fingerprint": bb.fingerprint,
+            **describe_runtime(runtime, reason),
         }
         services.ready = True
         log.info(
-            "ready: %s on %s, store %s, auth %s",
+            "ready: %s on %s, runtime %s, store %s, auth %s",
             bb.model_name,
             bb.device,
+            runtime.name,
             settings.store.split("@")[-1],
             "keys" if settings.auth_enabled else "none",
         )

@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda:0")
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     cache_dir: str | None = Field(default=None, description="where pretrained tags download to")
+    # the fast path
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        default="auto", description="auto: ONNX Runtime on the CPU, eager torch on a GPU"
+    )
+    onnx_cache_dir: str = Field(default="var/onnx", description="exported graphs, reused")
+    onnx_threads: int | None = Field(default=None, ge=1, description="default: all cores")
+    onnx_int8: bool = Field(default=False, description="int8 dynamic quantization (CPU)")
     # the store and residency
     store: str = Field(default="file://var/store", description="file://DIR or redis://HOST:PORT/DB")
     max_checkpoint_bytes: int = Field(default=256 * 2**20, ge=1024)

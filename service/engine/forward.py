@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
+from service.engine.runtimes.base import Runtime
 from service.prompts.base import Plan, Signature
 
 
@@ -43,20 +44,23 @@ def gather_prompts(plans: Sequence[Plan]) -> tuple[Tensor | None, Tensor | None]
 
 
 @torch.no_grad()
-def encode(backbone: ClipBackbone, images: Tensor, plans: Sequence[Plan]) -> Tensor:
-    """Normalized image features `[B, e]` (float32), sample i under `plans[i]`'s vision prompts."""
+def encode(
+    backbone: ClipBackbone, images: Tensor, plans: Sequence[Plan], runtime: Runtime | None = None
+) -> Tensor:
+    """Normalized image features `[B, e]` (float32), sample i under `plans[i]`'s vision prompts,
+    through `runtime` (eager torch when none is given)."""
     if len(plans) != images.shape[0]:
         raise ValueError("one plan per image")
     out: Tensor | None = None
     for signature, idx in group_by_signature(plans).items():
         tokens, bias = gather_prompts([plans[i] for i in idx])
         index = torch.tensor(idx, device=images.device)
-        feats = backbone.encode_image(
-            images.index_select(0, index),
-            tokens,
-            bias,
-            placement=signature.placement,  # type: ignore[arg-type]
-        )
+        placement = signature.placement
+        chunk = images.index_select(0, index)
+        if runtime is None:
+            feats = backbone.encode_image(chunk, tokens, bias, placement)  # type: ignore[arg-type]
+        else:
+            feats = runtime.encode(chunk, tokens, bias, placement)  # type: ignore[arg-type]
         feats = F.normalize(feats.float(), dim=-1)
         if out is None:
             out = feats.new_empty(images.shape[0], feats.shape[1])

@@ -33,6 +33,8 @@ def make_client(backbone, tmp_path) -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
+        # eager torch unless a test asks: an ONNX export per app would slow every API test
+        overrides.setdefault("runtime", "torch")
         settings = Settings(
             store=f"file://{tmp_path / 'store'}", model="tiny_clip", pretrained="none", **overrides
         )

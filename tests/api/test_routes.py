@@ -146,3 +146,22 @@ def test_request_id_is_echoed(client):
     assert r.headers["x-request-id"] == "abc-123"
     r = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces\x01"})
     assert r.headers["x-request-id"] != "bad id with spaces\x01"
+
+
+def test_onnx_runtime_serves_the_same_answers(make_client, upload, tmp_path):
+    eager = make_client()
+    onnx = make_client(runtime="onnx", onnx_cache_dir=str(tmp_path / "onnx"))
+    ready = onnx.get("/readyz").json()
+    assert ready["runtime"] == "onnx"
+    assert ready["runtime_reason"] == "asked for by --runtime onnx"
+    upload(eager, "pets", method="maple", config={"depth": 2})
+    body = {
+        "checkpoint": "pets",
+        "images": [b64(png()), b64(png((50, 50), (0, 90, 200)))],
+        "top_k": 4,
+    }
+    a = eager.post("/v1/classify", json=body).json()["results"][0]["predictions"]
+    b = onnx.post("/v1/classify", json=body).json()["results"][0]["predictions"]
+    for x, y in zip(a, b, strict=True):
+        assert [p["label"] for p in x] == [p["label"] for p in y]
+        assert max(abs(p["score"] - q["score"]) for p, q in zip(x, y, strict=True)) < 1e-4
