@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -204,20 +204,3 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
         elif not isinstance(value, dict):
             out[key] = value
     return out
-
-
-def few_shot_indices(labels: Sequence[int], shots: int | None, seed: int) -> list[int]:
-    """Seeded K-shot indices per class (classes with fewer keep all, as Dassl does)."""
-    import random
-
-    if shots is None:
-        return list(range(len(labels)))
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(int(y), []).append(i)
-    picked: list[int] = []
-    for y in sorted(by_class):
-        idx = by_class[y]
-        picked.extend(sorted(rng.sample(idx, shots)) if len(idx) > shots else idx)
-    return picked

@@ -1,0 +1,66 @@
+"""Resolve a run's dataset spec into training batches and evaluation sets (`RunData`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from service import errors
+from service.backbones.clip import ClipBackbone
+from service.training import data
+from service.training.runs import EvalSet, RunData, TrainSpec
+
+EVAL_BATCH = 64
+
+
+def _batches(ds: data.LabeledSet, transform: data.Transform, size: int, shuffle: bool, seed: int):
+    def gen() -> Iterable[tuple[Tensor, Tensor]]:
+        for images, labels in data.loader(ds, transform, size, shuffle=shuffle, seed=seed):
+            yield images, torch.as_tensor(labels)
+
+    return gen
+
+
+def load_data(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunData:
+    """Training batches (K-shot, augmented like the reference) and test sets for a spec."""
+    ds = spec.dataset
+    if ds.kind == "proving_ground":
+        from service.training.proving_ground import load_run_data
+
+        return load_run_data(spec, backbone, batch_size)
+    if ds.root is None:
+        raise errors.BadRequest(f"dataset kind {ds.kind} needs a root directory")
+    root = Path(ds.root)
+    if ds.kind == "image_folder":
+        train = test = data.image_folder(root)  # one folder: evaluated on all of it
+    else:
+        if ds.split_file is None:
+            raise errors.BadRequest("coop_split needs split_file (split_zhou_<Dataset>.json)")
+        train = data.coop_split(root, Path(ds.split_file), "train")
+        test = data.coop_split(root, Path(ds.split_file), "test")
+    evals: dict[str, data.LabeledSet]
+    if spec.base_to_novel:
+        train, _ = data.base_novel(train)
+        base, novel = data.base_novel(test)
+        evals = {"base": base, "novel": novel}
+    else:
+        evals = {"test": test}
+    if spec.shots is not None:
+        train = train.few_shot(spec.shots, spec.seed)
+    augment, plain = data.train_transform(backbone), data.eval_transform(backbone)
+
+    def train_batches(epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+        return _batches(train, augment, batch_size, True, spec.seed * 1000 + epoch)()
+
+    return RunData(
+        classnames=list(train.classnames),
+        train=train_batches,
+        evals={
+            k: EvalSet(list(v.classnames), _batches(v, plain, EVAL_BATCH, False, 0))
+            for k, v in evals.items()
+        },
+        identity=train.identity(),
+    )
