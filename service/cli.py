@@ -92,6 +92,77 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(items: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE flags -> dict, values parsed as JSON where they parse (numbers, booleans)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from service.training.runs import DatasetSpec, TrainSpec
+
+    return TrainSpec(
+        name=args.name,
+        method=args.method,
+        dataset=DatasetSpec(
+            kind=args.dataset, root=args.root, split_file=args.split_file, domain=args.domain
+        ),
+        method_config=_pairs(args.config),
+        recipe=_pairs(args.recipe),
+        shots=args.shots,
+        seed=args.seed,
+        base_to_novel=args.base_to_novel,
+        activate=not args.no_activate,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from prompts_store import open_store
+    from service.training.datasets import load_data
+    from service.training.runs import run
+
+    settings = settings_from(args)
+    spec = _spec(args)
+    backbone = load_backbone(settings)
+    store = open_store(settings.store)
+    bar = tqdm(total=None, unit="epoch", desc=f"{spec.method} {spec.name}")
+
+    def progress(row: dict[str, Any]) -> None:
+        bar.total = row["epochs"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}")
+
+    try:
+        result = run(
+            spec, backbone, store, load_data, out_dir=Path(args.out_dir), progress=progress
+        )
+    finally:
+        bar.close()
+        store.close()
+    p = result.published
+    print(
+        f"published {p.name} v{p.version} ({p.method}, active={p.active}); curves: {result.curves}"
+    )
+    for key, value in result.metrics.items():
+        if isinstance(value, dict) and "accuracy" in value:
+            print(f"  {key}: accuracy {value['accuracy']:.4f} on {value['n']} images")
+        elif key == "hm":
+            print(f"  harmonic mean: {value:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
     _backbone_flags(s)
     s.set_defaults(func=cmd_serve)
+    t = sub.add_parser("train", help="train a prompt checkpoint in the foreground and publish it")
+    t.add_argument("--name", required=True)
+    t.add_argument(
+        "--method",
+        required=True,
+        choices=["coop", "cocoop", "vpt", "ivlp", "promptsrc", "maple", "bias", "dualview"],
+    )
+    t.add_argument(
+        "--dataset", required=True, choices=["image_folder", "coop_split", "proving_ground"]
+    )
+    t.add_argument("--root", help="dataset root (image_folder, coop_split)")
+    t.add_argument("--split-file", help="split_zhou_<Dataset>.json (coop_split)")
+    t.add_argument("--domain", help="proving-ground domain")
+    t.add_argument("--shots", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--base-to-novel", action="store_true")
+    t.add_argument("--no-activate", action="store_true")
+    t.add_argument("--config", nargs="*", help="method config KEY=VALUE")
+    t.add_argument("--recipe", nargs="*", help="recipe overrides KEY=VALUE (epochs=5 ...)")
+    t.add_argument("--store")
+    t.add_argument("--out-dir", default="var/runs", help="curves and run records")
+    _backbone_flags(t)
+    t.set_defaults(func=cmd_train)
     p = sub.add_parser("import", help="convert a reference (Dassl .pth) checkpoint")
     p.add_argument("src", help="model.pth.tar-N of CoOp/CoCoOp/MaPLe/VPT/IVLP/PromptSRC")
     p.add_argument("--method", choices=["coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc"])

@@ -82,3 +82,38 @@ def test_cancelled_or_failed_runs_publish_nothing(backbone, folder, tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - any failure, as long as nothing is published
         run(bad, backbone, store, load_data)
     assert store.names() == []
+
+
+def test_cli_train_runs_in_the_foreground(backbone, folder, tmp_path, monkeypatch, capsys):
+    from service.cli import main
+
+    monkeypatch.setattr("service.cli.load_backbone", lambda settings: backbone)
+    code = main(
+        [
+            "train",
+            "--name",
+            "squares",
+            "--method",
+            "bias",
+            "--dataset",
+            "image_folder",
+            "--root",
+            str(folder),
+            "--shots",
+            "2",
+            "--recipe",
+            "epochs=2",
+            "warmup_epochs=0",
+            "--config",
+            'towers="vision"',
+            "--store",
+            f"file://{tmp_path / 'store'}",
+            "--out-dir",
+            str(tmp_path / "runs"),
+            "--pretrained",
+            "none",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "published squares v1 (bias" in out and "accuracy" in out
+    assert open_store(f"file://{tmp_path / 'store'}").current("squares") == 1
