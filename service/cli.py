@@ -163,6 +163,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from prompts_store import open_store
+    from service.checkpoints import dump, load
+    from service.engine.publish import publish
+    from service.engine.store_errors import store_errors
+    from service.training.datasets import load_data
+    from service.training.runs import DatasetSpec, TrainSpec, evaluate_sets, summary
+
+    settings = settings_from(args)
+    backbone = load_backbone(settings)
+    src = Path(args.src)
+    store = None
+    if src.suffix == ".safetensors" and src.exists():
+        data = src.read_bytes()
+    else:
+        from service.engine.residency import parse_ref
+
+        store = open_store(settings.store)
+        name, version = parse_ref(args.src)
+        with store_errors():
+            stored = store.get(name, version)
+        data, version = stored.data, stored.version
+    ckpt = load(data, backbone)
+    m = ckpt.manifest
+    spec = TrainSpec(
+        name=m.name,
+        method=m.method,
+        method_config=m.method_config,
+        templates=m.templates,
+        dataset=DatasetSpec(
+            kind=args.dataset, root=args.root, split_file=args.split_file, domain=args.domain
+        ),
+        base_to_novel=args.base_to_novel,
+        shots=None,
+    )
+    metrics = evaluate_sets(backbone, spec, ckpt.params, load_data(spec, backbone, 64).evals)
+    print(json.dumps(metrics, indent=1))
+    updated = m.model_copy(update={"metrics": {**m.metrics, **summary(metrics)}})
+    out = dump(ckpt.params, updated)
+    if store is None:
+        tmp = src.with_suffix(".safetensors.tmp")
+        tmp.write_bytes(out)
+        tmp.replace(src)
+        print(f"metrics written into {src}")
+    else:
+        published = publish(store, backbone, out, activate=False)
+        print(
+            f"metrics written into {published.name} v{published.version} (not activated; "
+            f"evaluated v{version})"
+        )
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", default="var/runs", help="curves and run records")
     _backbone_flags(t)
     t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset, into its manifest")
+    e.add_argument("src", help="a .safetensors file, or a stored name[@version]")
+    e.add_argument(
+        "--dataset", required=True, choices=["image_folder", "coop_split", "proving_ground"]
+    )
+    e.add_argument("--root")
+    e.add_argument("--split-file")
+    e.add_argument("--domain")
+    e.add_argument("--base-to-novel", action="store_true")
+    e.add_argument("--store")
+    _backbone_flags(e)
+    e.set_defaults(func=cmd_eval)
     p = sub.add_parser("import", help="convert a reference (Dassl .pth) checkpoint")
     p.add_argument("src", help="model.pth.tar-N of CoOp/CoCoOp/MaPLe/VPT/IVLP/PromptSRC")
     p.add_argument("--method", choices=["coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc"])

@@ -167,7 +167,7 @@ def run(
         data.classnames,
         result.config,
         spec.templates,
-        metrics=_summary(metrics),
+        metrics=summary(metrics),
         dataset=data.identity,
         parent=parent,
     )
@@ -190,12 +190,12 @@ def run(
         published.name,
         published.version,
         spec.method,
-        _summary(metrics),
+        summary(metrics),
     )
     return RunResult(published, metrics, result, curves)
 
 
-def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
     """The manifest's metrics: accuracies and the harmonic mean, without per-class tables."""
     out: dict[str, Any] = {}
     for key, value in metrics.items():

@@ -117,3 +117,30 @@ def test_cli_train_runs_in_the_foreground(backbone, folder, tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert code == 0 and "published squares v1 (bias" in out and "accuracy" in out
     assert open_store(f"file://{tmp_path / 'store'}").current("squares") == 1
+
+
+def test_cli_eval_writes_metrics_into_the_manifest(backbone, folder, tmp_path, monkeypatch):
+    from service.checkpoints import dump, new_manifest
+    from service.cli import main
+    from service.prompts import get_method
+
+    monkeypatch.setattr("service.cli.load_backbone", lambda settings: backbone)
+    names = ["blue square", "gray square", "green square", "red square"]
+    m = get_method("zeroshot")
+    path = tmp_path / "zs.safetensors"
+    path.write_bytes(dump({}, new_manifest("zs", "zeroshot", backbone, names)))
+    code = main(
+        [
+            "eval",
+            str(path),
+            "--dataset",
+            "image_folder",
+            "--root",
+            str(folder),
+            "--pretrained",
+            "none",
+        ]
+    )
+    assert code == 0 and m is not None
+    metrics = load(path.read_bytes(), backbone).manifest.metrics
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
