@@ -1,0 +1,1 @@
+"""Training: data, recipes, trainer, evaluation, jobs and the offline proving ground."""
