@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts_store import open_store
 from service import __version__, errors
-from service.api import checkpoints, classify, ops
+from service.api import checkpoints, classify, jobs, ops
 from service.api.deps import Services
 from service.backbones.clip import ClipBackbone, load_clip
 from service.engine.batcher import Batcher
@@ -37,6 +37,7 @@ from service.images import ImageLimits
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
 from service.settings import Settings
+from service.training.jobs import JobQueue, queue_url_for
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bb = backbone if backbone is not None else await asyncio.to_thread(load_backbone, settings)
         store = open_store(settings.store)
+        queue_url = queue_url_for(settings.queue, settings.store)
+        if queue_url is not None:  # lazy client: a Redis outage answers 503 on /v1/jobs only
+            services.jobs = JobQueue(
+                queue_url, retries=settings.job_retries, timeout_s=settings.job_timeout_s
+            )
         residency = Residency(
             store,
             bb,
@@ -131,11 +137,14 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
             await batcher.stop()
             residency.close()
             store.close()
+            if services.jobs is not None:
+                services.jobs.close()
 
     app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan)
     app.state.services = services
     app.include_router(classify.router)
     app.include_router(checkpoints.router)
+    app.include_router(jobs.router)
     app.include_router(ops.router)
     _error_handlers(app, services)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

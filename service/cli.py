@@ -219,6 +219,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service.training.jobs import context_from_settings, queue_url_for, run_worker, set_context
+
+    settings = settings_from(args)
+    url = queue_url_for(settings.queue, settings.store)
+    if url is None:
+        print(
+            "error (not_ready): the worker needs a Redis queue: set PROMPTSERVE_QUEUE=redis://... "
+            "(or use a redis:// store)",
+            file=sys.stderr,
+        )
+        return 2
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    set_context(lambda: context_from_settings(settings, out_dir))  # flags, not only the env
+    run_worker(url, burst=args.burst)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", default="var/runs", help="curves and run records")
     _backbone_flags(t)
     t.set_defaults(func=cmd_train)
+    w = sub.add_parser("worker", help="run training jobs from the Redis queue")
+    w.add_argument("--queue", help="redis://HOST:PORT/DB (default: the store's, if redis://)")
+    w.add_argument("--store", help="where checkpoints are published: file://DIR or redis://...")
+    w.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    w.add_argument("--out-dir", help="keep each run's curves and run.json here")
+    _backbone_flags(w)
+    w.set_defaults(func=cmd_worker)
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset, into its manifest")
     e.add_argument("src", help="a .safetensors file, or a stored name[@version]")
     e.add_argument(

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     # the store and residency
     store: str = Field(default="file://var/store", description="file://DIR or redis://HOST:PORT/DB")
     max_checkpoint_bytes: int = Field(default=256 * 2**20, ge=1024)
+    # training jobs (run by `promptserve worker`)
+    queue: str | None = Field(
+        default=None,
+        description="redis://HOST:PORT/DB for training jobs (default: the store's, if redis://)",
+    )
+    job_retries: int = Field(default=0, ge=0, le=10, description="retries of a failed job")
+    job_timeout_s: int = Field(default=24 * 3600, ge=60, description="longest a job may run")
     device_budget_mib: int = Field(default=512, ge=1, description="resident plans on the device")
     host_budget_mib: int = Field(default=2048, ge=0, description="resident plans in host memory")
     # the HTTP server

@@ -16,6 +16,7 @@ from service.engine.inference import Inference
 from service.engine.residency import Residency
 from service.metrics import Metrics
 from service.settings import Settings
+from service.training.jobs import JobQueue
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Services:
     store: ps.PromptStore | None = None
     residency: Residency | None = None
     inference: Inference | None = None
+    jobs: JobQueue | None = None
     ready: bool = False
     status: dict[str, str] = field(default_factory=dict)
 

@@ -1,0 +1,89 @@
+"""Training jobs over HTTP: submit (admin), read (read key), cancel (admin). The work is done by a
+separate `promptserve worker`; this router only talks to the queue."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel
+
+from service import errors
+from service.api.classify import ERRORS
+from service.api.deps import AdminAuth, ReadAuth, Services, ServicesDep
+from service.training.jobs import JobQueue
+from service.training.runs import TrainSpec
+
+router = APIRouter(tags=["jobs"])
+
+
+class JobProgress(BaseModel):
+    epoch: int
+    epochs: int
+    loss: float
+    acc: float
+
+
+class JobResult(BaseModel):
+    name: str
+    version: int
+    metrics: dict[str, Any]
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A training job; fields without a value are left out."""
+
+    id: str
+    state: Literal["queued", "started", "finished", "failed", "cancelled"]
+    name: str | None = None
+    method: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    progress: JobProgress | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+    cancel_requested: bool | None = None
+
+
+def _jobs(services: Services) -> JobQueue:
+    if services.jobs is None:
+        raise errors.NotReady("training jobs need a Redis queue: set PROMPTSERVE_QUEUE=redis://...")
+    return services.jobs
+
+
+_OUT: dict[str, Any] = {"response_model": JobOut, "response_model_exclude_none": True}
+_RESPONSES = {**ERRORS, 403: ERRORS[401], 409: ERRORS[400]}
+
+
+@router.post("/v1/jobs", status_code=202, responses=_RESPONSES, **_OUT)
+async def submit(
+    spec: TrainSpec, response: Response, services: ServicesDep, _: AdminAuth
+) -> dict[str, Any]:
+    """Queue a training run; a `promptserve worker` picks it up."""
+    job_id = await asyncio.to_thread(_jobs(services).submit, spec)
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return {"id": job_id, "state": "queued"}
+
+
+@router.get("/v1/jobs/{job_id}", responses=_RESPONSES, **_OUT)
+async def show(job_id: str, services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
+    """State; progress while it runs, result when finished, error when failed."""
+    return await asyncio.to_thread(_jobs(services).status, job_id)
+
+
+@router.delete("/v1/jobs/{job_id}", responses=_RESPONSES, **_OUT)
+async def cancel(
+    job_id: str, response: Response, services: ServicesDep, _: AdminAuth
+) -> dict[str, Any]:
+    """Cancel: a queued job is cancelled at once (200); a running one stops at its next batch
+    and publishes nothing (202, state "started" with cancel_requested until it has stopped)."""
+    out = await asyncio.to_thread(_jobs(services).cancel, job_id)
+    response.status_code = 202 if out["state"] == "started" else 200
+    return out
