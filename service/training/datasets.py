@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -28,9 +28,7 @@ def load_data(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunDa
     """Training batches (K-shot, augmented like the reference) and test sets for a spec."""
     ds = spec.dataset
     if ds.kind == "proving_ground":
-        from service.training.proving_ground import load_run_data
-
-        return load_run_data(spec, backbone, batch_size)
+        return _proving_ground(spec, backbone, batch_size)
     if ds.root is None:
         raise errors.BadRequest(f"dataset kind {ds.kind} needs a root directory")
     root = Path(ds.root)
@@ -63,4 +61,49 @@ def load_data(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunDa
             for k, v in evals.items()
         },
         identity=train.identity(),
+    )
+
+
+def _proving_ground(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunData:
+    """A shifted domain of the offline proving ground (generated images, in memory)."""
+    from service.training import proving_ground as pg
+    from service.training.trainer import tensor_batches
+
+    domain = spec.dataset.domain or pg.TARGETS[0]
+    if domain not in pg.DOMAINS:
+        raise errors.BadRequest(f"unknown proving-ground domain {domain!r}: {sorted(pg.DOMAINS)}")
+    train = pg.make_dataset(domain, "train", per_class=max(spec.shots or 16, 16), seed=spec.seed)
+    test = pg.make_dataset(domain, "test", per_class=50, seed=0)
+    if spec.base_to_novel:
+        train = train.subset(train.base_classes())
+        evals = {
+            "base": test.subset(test.base_classes()),
+            "novel": test.subset(test.novel_classes()),
+        }
+    else:
+        evals = {"test": test}
+    if spec.shots is not None:
+        train = train.few_shot(spec.shots, spec.seed)
+    images = pg.to_model_input(train.images, backbone)
+
+    def flip(x: Tensor) -> Tensor:  # the reference's random flip; shapes stay their class
+        mask = torch.rand(len(x)) < 0.5
+        return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+    def eval_batches(d: pg.Dataset) -> Callable[[], Iterable[tuple[Tensor, Tensor]]]:
+        x = pg.to_model_input(d.images, backbone)
+        return lambda: ((x[i : i + 256], d.labels[i : i + 256]) for i in range(0, len(d), 256))
+
+    return RunData(
+        classnames=list(train.classnames),
+        train=tensor_batches(images, train.labels, batch_size, spec.seed, augment=flip),
+        evals={k: EvalSet(list(v.classnames), eval_batches(v)) for k, v in evals.items()},
+        identity={
+            "source": "proving_ground",
+            "domain": domain,
+            "shots": spec.shots,
+            "seed": spec.seed,
+            "num_classes": len(train.classnames),
+            "world_version": pg.WORLD_VERSION,
+        },
     )
