@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     cache_dir: str | None = Field(default=None, description="where pretrained tags download to")
     # the fast path
     runtime: Literal["auto", "torch", "onnx"] = Field(
-        default="auto", description="auto: ONNX Runtime on the CPU, eager torch on a GPU"
+        default="auto", description="auto: the fastest measured here (eager torch for now)"
     )
     onnx_cache_dir: str = Field(default="var/onnx", description="exported graphs, reused")
     onnx_threads: int | None = Field(default=None, ge=1, description="default: all cores")
