@@ -112,6 +112,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
             ),
             max_images=settings.max_images,
             timeout_s=settings.request_timeout_s,
+            max_batch=settings.max_batch_size,
         )
         await _warm_up(bb, batcher)
         services.status = {

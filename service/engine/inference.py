@@ -54,6 +54,7 @@ class Inference:
     limits: ImageLimits
     max_images: int
     timeout_s: float
+    max_batch: int = 32  # the batcher's max_batch_size: larger requests go in chunks
 
     # --- inputs --------------------------------------------------------------------------------
     def check_count(self, n: int) -> None:
@@ -117,17 +118,25 @@ class Inference:
 
             return finish
 
+        chunks = self._chunks(images)
         jobs = [
-            self.batcher.submit(images, [g[0].plan] * len(images), finisher(g), deadline)
+            self.batcher.submit(chunk, [g[0].plan] * len(chunk), finisher(g), deadline)
             for g in groups.values()
+            for chunk in chunks
         ]
-        done = await asyncio.gather(*jobs)
-        by_target = {
-            id(t): r
-            for g, rs in zip(groups.values(), done, strict=True)
-            for t, r in zip(g, rs, strict=True)
-        }
+        done = iter(await asyncio.gather(*jobs))
+        by_target: dict[int, dict[str, Any]] = {}
+        for g in groups.values():
+            for _ in chunks:  # a request larger than a batch came back in pieces: stitch them
+                for t, r in zip(g, next(done), strict=True):
+                    if id(t) in by_target:
+                        by_target[id(t)]["predictions"].extend(r["predictions"])
+                    else:
+                        by_target[id(t)] = r
         return [by_target[id(t)] for t in targets]
+
+    def _chunks(self, images: Tensor) -> list[Tensor]:
+        return [images[i : i + self.max_batch] for i in range(0, len(images), self.max_batch)]
 
     @staticmethod
     def _predictions(target: Target, feats: Tensor, top_k: int) -> dict[str, Any]:
@@ -149,9 +158,14 @@ class Inference:
     async def embed_images(self, items: Sequence[str | bytes], plan: Plan | None) -> Tensor:
         """Normalized image embeddings, plain or under a plan's vision prompts (batched)."""
         images = await asyncio.to_thread(self.decode, items)
-        plans = [plan or PLAIN_PLAN] * len(images)
         deadline = time.monotonic() + self.timeout_s
-        return await self.batcher.submit(images, plans, lambda f: f.cpu(), deadline)
+        parts = await asyncio.gather(
+            *(
+                self.batcher.submit(c, [plan or PLAIN_PLAN] * len(c), lambda f: f.cpu(), deadline)
+                for c in self._chunks(images)
+            )
+        )
+        return torch.cat(parts)
 
     async def embed_texts(self, texts: Sequence[str]) -> Tensor:
         for i, t in enumerate(texts):

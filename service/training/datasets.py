@@ -86,8 +86,10 @@ def _proving_ground(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) ->
         train = train.few_shot(spec.shots, spec.seed)
     images = pg.to_model_input(train.images, backbone)
 
+    gen = torch.Generator().manual_seed(spec.seed)
+
     def flip(x: Tensor) -> Tensor:  # the reference's random flip; shapes stay their class
-        mask = torch.rand(len(x)) < 0.5
+        mask = torch.rand(len(x), generator=gen) < 0.5
         return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
 
     def eval_batches(d: pg.Dataset) -> Callable[[], Iterable[tuple[Tensor, Tensor]]]:

@@ -165,3 +165,22 @@ def test_onnx_runtime_serves_the_same_answers(make_client, upload, tmp_path):
     for x, y in zip(a, b, strict=True):
         assert [p["label"] for p in x] == [p["label"] for p in y]
         assert max(abs(p["score"] - q["score"]) for p, q in zip(x, y, strict=True)) < 1e-4
+
+
+def test_requests_larger_than_a_batch_are_served_in_chunks(make_client, upload):
+    c = make_client(max_batch_size=4, max_images=10)
+    upload(c)
+    colors = [(i * 25, 255 - i * 25, 90) for i in range(10)]
+    images = [b64(png((32, 32), col)) for col in colors]
+    big = c.post("/v1/classify", json={"checkpoint": "eurosat", "images": images, "top_k": 1})
+    assert big.status_code == 200, big.text
+    preds = big.json()["results"][0]["predictions"]
+    assert len(preds) == 10
+    for i in (0, 5, 9):
+        one = c.post(
+            "/v1/classify", json={"checkpoint": "eurosat", "images": [images[i]], "top_k": 1}
+        ).json()["results"][0]["predictions"][0]
+        assert one[0]["label"] == preds[i][0]["label"]
+        assert abs(one[0]["score"] - preds[i][0]["score"]) < 1e-5
+    emb = c.post("/v1/embed", json={"images": images}).json()["image_embeddings"]
+    assert len(emb) == 10
