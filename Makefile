@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint format typecheck clean system-deps run
+.PHONY: test check lint format typecheck clean system-deps run demo
 
 # Tests start their own redis-server on loopback; install Debian's package where it is missing.
 system-deps:
@@ -41,3 +41,8 @@ clean:
 # Runs the service with the settings from the environment (PROMPTSERVE_*; see README).
 run: $(STAMP)
 	$(VENV)/bin/promptserve serve
+
+# Offline demo: builds (or reuses) the proving-ground backbone, trains three example checkpoints,
+# starts the service on 127.0.0.1:8000 and prints requests that work.
+demo: $(STAMP)
+	$(VENV)/bin/promptserve demo

@@ -237,6 +237,91 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_CHECKPOINTS: tuple[
+    tuple[str, str, dict[str, Any], str], ...
+] = (  # name, method, config, domain
+    ("gray-maple", "maple", {}, "gray"),
+    ("gray-bias", "bias", {"towers": "vision"}, "gray"),
+    ("noise-coop", "coop", {"n_ctx": 4}, "noise"),
+)
+DEMO_RECIPE = {
+    "optimizer": "adamw",
+    "lr": 0.03,
+    "epochs": 40,
+    "batch_size": 32,
+    "warmup_epochs": 0,
+    "weight_decay": 0.0,
+}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Offline demo: the proving-ground backbone, three trained checkpoints, the service."""
+    import uvicorn
+    from PIL import Image
+
+    from prompts_store import open_store
+    from service.app import create_app
+    from service.training import proving_ground as pg
+    from service.training.datasets import load_data
+    from service.training.runs import DatasetSpec, TrainSpec, run
+
+    store_url = args.store or "file://var/demo/store"
+    print("proving-ground backbone (pre-trained on first use, about 2 minutes; cached)...")
+    backbone = pg.build_backbone(progress=lambda row: print(f"  pre-training {row}"))
+    store = open_store(store_url)
+    for name, method, config, domain in DEMO_CHECKPOINTS:
+        if name in store.names():
+            continue
+        spec = TrainSpec(
+            name=name,
+            method=method,
+            method_config=config,
+            shots=16,
+            dataset=DatasetSpec(kind="proving_ground", domain=domain),
+            recipe=DEMO_RECIPE,
+        )
+        result = run(spec, backbone, store, load_data, out_dir=Path("var/demo/runs"))
+        print(
+            f"trained {name} ({method} on the {domain} domain): test accuracy "
+            f"{result.metrics['test']['accuracy']:.1%}"
+        )
+    store.close()
+    images = Path("var/demo/images")
+    images.mkdir(parents=True, exist_ok=True)
+    for domain in ("gray", "noise"):
+        sample = pg.make_dataset(domain, "demo", per_class=1, seed=7)
+        for i in (0, 5, 10):
+            fname = images / f"{domain}-{sample.classnames[i].replace(' ', '-')}.png"
+            Image.fromarray(sample.images[i].numpy()).save(fname)
+    settings = Settings(
+        model="proving-clip",
+        pretrained=backbone.pretrained,
+        store=store_url,
+        runtime="torch",
+        host="127.0.0.1",
+        port=args.port or 8000,
+    )
+    base = f"http://127.0.0.1:{settings.port}"
+    print(f"""
+promptserve demo on {base} (Ctrl-C to stop). Try:
+  curl {base}/v1/checkpoints
+  curl -F images=@{images}/gray-red-circle.png -F checkpoint=gray-maple {base}/v1/classify
+  curl -F images=@{images}/gray-red-circle.png -F checkpoint=gray-bias {base}/v1/classify
+  curl -F images=@{images}/noise-green-square.png -F checkpoint=noise-coop {base}/v1/classify
+  curl -F images=@{images}/gray-red-circle.png -F 'classnames=["red circle","blue square"]' \\
+       {base}/v1/classify
+  open {base}/docs
+""")
+    uvicorn.run(
+        create_app(settings, backbone=backbone),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        log_level="info",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -285,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out-dir", help="keep each run's curves and run.json here")
     _backbone_flags(w)
     w.set_defaults(func=cmd_worker)
+    d = sub.add_parser("demo", help="offline demo: proving ground, trained checkpoints, service")
+    d.add_argument("--store", help="default file://var/demo/store")
+    d.add_argument("--port", type=int)
+    d.set_defaults(func=cmd_demo)
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset, into its manifest")
     e.add_argument("src", help="a .safetensors file, or a stored name[@version]")
     e.add_argument(

@@ -15,6 +15,6 @@ def test_every_setting_is_documented():
 
 
 def test_two_setup_commands():
-    assert "make test" in README and "make run" in README
+    assert "make test" in README and "make demo" in README and "make run" in README
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "make test" in ci
