@@ -195,43 +195,52 @@ def test_management_errors(ready):
 def test_full_queue_is_429_at_once(make_client, upload, backbone, monkeypatch):
     c = make_client(max_queue=1, max_batch_size=1, max_wait_ms=0)
     upload(c)
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     original = backbone.encode_image
 
     def slow(*a, **k):
-        gate.wait(5)
+        started.set()
+        gate.wait(10)
         return original(*a, **k)
 
     monkeypatch.setattr(backbone, "encode_image", slow)
     body = {"checkpoint": "eurosat", "images": [b64(png())]}
     results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(c.post("/v1/classify", json=body)))
-        for _ in range(2)
-    ]  # one running, one queued
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
+
+    def send():
+        results.append(c.post("/v1/classify", json=body))
+
+    running = threading.Thread(target=send)
+    running.start()
+    assert started.wait(10)  # the first request is in the encoder
+    queued = threading.Thread(target=send)
+    queued.start()
+    batcher = c.app.state.services.inference.batcher
+    deadline = time.monotonic() + 10
+    while batcher.queue_depth < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)  # under load the second request takes a while to reach the queue
+    assert batcher.queue_depth == 1
     start = time.monotonic()
     r = c.post("/v1/classify", json=body)
     assert time.monotonic() - start < 1.0
     _err(r, 429, "overloaded")
     gate.set()
-    for t in threads:
-        t.join()
+    running.join()
+    queued.join()
     assert sorted(x.status_code for x in results) == [200, 200]
 
 
 def test_deadline_is_504_without_compute(make_client, upload, backbone, monkeypatch):
     c = make_client(request_timeout_s=0.3, max_batch_size=1, max_wait_ms=0)
     upload(c)
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     original = backbone.encode_image
     sizes = []
 
     def slow(images, *a, **k):
         sizes.append(images.shape[0])
-        gate.wait(2)
+        started.set()
+        gate.wait(5)
         return original(images, *a, **k)
 
     monkeypatch.setattr(backbone, "encode_image", slow)
@@ -239,7 +248,7 @@ def test_deadline_is_504_without_compute(make_client, upload, backbone, monkeypa
     first: list = []
     t = threading.Thread(target=lambda: first.append(c.post("/v1/classify", json=body)))
     t.start()
-    time.sleep(0.1)
+    assert started.wait(10)  # the first request is running: the next one must queue
     _err(c.post("/v1/classify", json=body), 504, "deadline_exceeded")
     gate.set()
     t.join()
