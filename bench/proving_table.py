@@ -24,18 +24,10 @@ from service.prompts import get_method
 from service.training import proving_ground as pg
 from service.training.datasets import load_data
 from service.training.evaluate import harmonic_mean
-from service.training.recipes import RECIPES
+from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE, RECIPES
 from service.training.runs import DatasetSpec, TrainSpec, run
 
-FAST = {
-    "optimizer": "adamw",
-    "lr": 0.03,
-    "epochs": 40,
-    "batch_size": 32,
-    "warmup_epochs": 0,
-    "weight_decay": 0.0,
-}
-CONFIG = {"coop": {"n_ctx": 4}, "bias": {"towers": "vision"}}
+FAST, CONFIG = PROVING_RECIPE, PROVING_CONFIG
 
 
 def main() -> None:

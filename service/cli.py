@@ -237,21 +237,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_CHECKPOINTS: tuple[
-    tuple[str, str, dict[str, Any], str], ...
-] = (  # name, method, config, domain
-    ("gray-maple", "maple", {}, "gray"),
-    ("gray-bias", "bias", {"towers": "vision"}, "gray"),
-    ("noise-coop", "coop", {"n_ctx": 4}, "noise"),
+# name, method, proving-ground domain; configs and recipe: recipes.PROVING_*
+DEMO_CHECKPOINTS = (
+    ("gray-maple", "maple", "gray"),
+    ("gray-bias", "bias", "gray"),
+    ("noise-coop", "coop", "noise"),
 )
-DEMO_RECIPE = {
-    "optimizer": "adamw",
-    "lr": 0.03,
-    "epochs": 40,
-    "batch_size": 32,
-    "warmup_epochs": 0,
-    "weight_decay": 0.0,
-}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -263,22 +254,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.training import proving_ground as pg
     from service.training.datasets import load_data
+    from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE
     from service.training.runs import DatasetSpec, TrainSpec, run
 
     store_url = args.store or "file://var/demo/store"
     print("proving-ground backbone (pre-trained on first use, about 2 minutes; cached)...")
     backbone = pg.build_backbone(progress=lambda row: print(f"  pre-training {row}"))
     store = open_store(store_url)
-    for name, method, config, domain in DEMO_CHECKPOINTS:
+    for name, method, domain in DEMO_CHECKPOINTS:
         if name in store.names():
             continue
         spec = TrainSpec(
             name=name,
             method=method,
-            method_config=config,
+            method_config=PROVING_CONFIG.get(method, {}),
             shots=16,
             dataset=DatasetSpec(kind="proving_ground", domain=domain),
-            recipe=DEMO_RECIPE,
+            recipe=PROVING_RECIPE,
         )
         result = run(spec, backbone, store, load_data, out_dir=Path("var/demo/runs"))
         print(

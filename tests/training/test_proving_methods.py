@@ -16,20 +16,11 @@ from service.app import create_app
 from service.settings import Settings
 from service.training import proving_ground as pg
 from service.training.datasets import load_data
-from service.training.recipes import RECIPES
+from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE, RECIPES
 from service.training.runs import DatasetSpec, TrainSpec, run
 
 DOMAIN = "gray"
-# A short recipe for tests (the published ones are tuned for ViT-B/16 and far more data).
-FAST = {
-    "optimizer": "adamw",
-    "lr": 0.03,
-    "epochs": 40,
-    "batch_size": 32,
-    "warmup_epochs": 0,
-    "weight_decay": 0.0,
-}
-CONFIG = {"coop": {"n_ctx": 4}, "bias": {"towers": "vision"}}
+FAST, CONFIG = PROVING_RECIPE, PROVING_CONFIG
 
 
 @pytest.fixture(scope="session")
