@@ -92,6 +92,7 @@ class _Objective:
         self._fixed_classes: Tensor | None = None
         self._frozen_text: Tensor | None = None
         self._hand: Tensor | None = None
+        self._cocoop_text: Any = None  # CoCoOp's frozen prompt embeddings: built once, not per step
 
     def classes(self, params: dict[str, Tensor]) -> Tensor:
         if self._fixed_classes is not None:
@@ -119,8 +120,11 @@ class _Objective:
         )
         name = self.m.name
         if name == "cocoop":
-            text = self.m.text(self.bb, self.cfg, self.classnames)  # type: ignore[attr-defined]
-            per_image = conditional_classes(self.bb, params, text, feats)
+            if self._cocoop_text is None:
+                self._cocoop_text = self.m.text(  # type: ignore[attr-defined]
+                    self.bb, self.cfg, self.classnames
+                )
+            per_image = conditional_classes(self.bb, params, self._cocoop_text, feats)
             logits = self.scale * torch.einsum("be,bce->bc", feats, per_image)
             return F.cross_entropy(logits, labels), logits
         if name == "dualview":
