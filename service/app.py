@@ -12,6 +12,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,10 +35,12 @@ from service.engine.runtimes.select import describe as describe_runtime
 from service.engine.runtimes.select import select_runtime
 from service.engine.zeroshot_cache import ZeroShotCache
 from service.images import ImageLimits
+from service.logs import RequestLog
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
 from service.settings import Settings
 from service.training.jobs import JobQueue, queue_url_for
+from service.training.local_jobs import LocalJobs
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,9 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
             services.jobs = JobQueue(
                 queue_url, retries=settings.job_retries, timeout_s=settings.job_timeout_s
             )
+        elif settings.local_jobs:  # the embedded store: train in a child process of our own
+            runs = Path(settings.runs_dir) if settings.runs_dir else None
+            services.jobs = LocalJobs(settings, retries=settings.job_retries, out_dir=runs)
         residency = Residency(
             store,
             bb,
@@ -130,6 +136,15 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
             runtime.name,
             settings.store.split("@")[-1],
             "keys" if settings.auth_enabled else "none",
+            extra={  # the same facts as fields, for JSON logs (the store URL without password)
+                "backbone": bb.model_name,
+                "pretrained": bb.pretrained,
+                "fingerprint": bb.fingerprint,
+                "device": str(bb.device),
+                "runtime": runtime.name,
+                "store": settings.store.split("@")[-1],
+                "auth": "keys" if settings.auth_enabled else "none",
+            },
         )
         try:
             yield
@@ -149,6 +164,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
     app.include_router(ops.router)
     _error_handlers(app, services)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestLog)  # inside RequestId: it reads the id RequestId chose
     app.add_middleware(RequestId)
     return app
 

@@ -57,12 +57,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Load the backbone before binding, so missing weights are a clear error, not a crash loop.
     backbone = load_backbone(settings)
     app = create_app(settings, backbone=backbone)
+    from service.logs import uvicorn_log_config
+
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         log_level="info",
+        log_config=uvicorn_log_config(settings.log_format),
+        access_log=False,  # service.logs.RequestLog writes access lines, with the request id
     )
     return 0
 
@@ -139,10 +143,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     store = open_store(settings.store)
     bar = tqdm(total=None, unit="epoch", desc=f"{spec.method} {spec.name}")
 
-    def progress(row: dict[str, Any]) -> None:
+    def progress(row: dict[str, Any]) -> None:  # every epoch's end, and every second within one
         bar.total = row["epochs"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}")
+        bar.n = row["epoch"] if row.get("epoch_end") else row["epoch"] - 1
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}", step=row["step"])
 
     try:
         result = run(
@@ -392,12 +396,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output .safetensors (default NAME.safetensors)")
     _backbone_flags(p)
     p.set_defaults(func=cmd_import)
+    from service.admin_cli import add_parser as add_checkpoints_parser
+
+    add_checkpoints_parser(sub).set_defaults(func=cmd_checkpoints)
     return parser
 
 
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    """Operator commands on the store (service/admin_cli.py)."""
+    from service.admin_cli import cmd_checkpoints as run_checkpoints
+
+    return run_checkpoints(args, settings_from(args).store)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Log format and level from the settings (PROMPTSERVE_LOG_FORMAT / _LOG_LEVEL)."""
+    from pydantic import ValidationError
+
+    from service.logs import configure
+
+    try:
+        settings = settings_from(args)
+    except ValidationError:  # the command reports bad settings itself; log plainly meanwhile
+        configure("text")
+        return
+    configure(settings.log_format, settings.log_level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    _configure_logging(args)
     try:
         return int(args.func(args))
     except PromptServeError as exc:

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     )
     job_retries: int = Field(default=0, ge=0, le=10, description="retries of a failed job")
     job_timeout_s: int = Field(default=24 * 3600, ge=60, description="longest a job may run")
+    local_jobs: bool = Field(
+        default=True,
+        description="with no Redis queue, the service runs training jobs in a child process",
+    )
+    runs_dir: str | None = Field(
+        default="var/runs", description="where runs keep their curves (PNG) and run.json"
+    )
     device_budget_mib: int = Field(default=512, ge=1, description="resident plans on the device")
     host_budget_mib: int = Field(default=2048, ge=0, description="resident plans in host memory")
     # the HTTP server
@@ -54,6 +61,11 @@ class Settings(BaseSettings):
         default=False, description="allow binding a non-loopback address with no API keys"
     )
     shutdown_timeout_s: float = Field(default=30.0, ge=0, description="drain time on SIGTERM")
+    # logs (service/logs.py)
+    log_format: Literal["json", "text"] = Field(
+        default="text", description="json: one object per line with the request id"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # batching and limits
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_wait_ms: float = Field(default=5.0, ge=0, le=1000)

@@ -1,0 +1,134 @@
+"""Logging: one JSON object per line (for log shippers) or plain text, with the request id.
+
+`configure("json")` makes the root logger write JSON lines with `ts`, `level`, `logger`, `msg`,
+the request id of the request being served (when there is one) and any `extra={...}` fields.
+`RequestLog` is the ASGI middleware that puts the id (set by `middleware.RequestId`) into a
+context variable, so every line logged while serving a request carries it, threads included
+(`asyncio.to_thread` copies the context), and writes one access line per request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LogFormat = Literal["json", "text"]
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "promptserve_request_id", default=None
+)
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+access_log = logging.getLogger("promptserve.access")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; values that JSON cannot hold are written as strings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id.get()
+        if rid is not None:
+            out["request_id"] = rid
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class _RequestIdText(logging.Filter):
+    """Text lines get the request id appended, so text and JSON logs can be correlated alike."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = request_id.get()
+        if rid is not None and not getattr(record, "_rid_added", False):
+            record.msg = f"{record.msg} [request_id={rid}]"
+            record._rid_added = True
+        return True
+
+
+def configure(fmt: LogFormat = "text", level: str = "INFO") -> None:
+    """Route every logger (uvicorn's and RQ's included) through one stderr handler."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.addFilter(_RequestIdText())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def uvicorn_log_config(fmt: LogFormat) -> dict[str, Any] | None:
+    """uvicorn's `log_config`: None (keep ours, uvicorn's loggers propagate) for JSON, uvicorn's
+    own coloured text otherwise. Its access log is replaced by `RequestLog` in both cases."""
+    if fmt == "json":
+        return None
+    from uvicorn.config import LOGGING_CONFIG
+
+    return LOGGING_CONFIG
+
+
+class RequestLog:
+    """Sets the request-id context for the request and logs one access line when it ends.
+
+    Must sit inside `RequestId` (added before it), which chose the id and put it in the scope.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = request_id.set((scope.get("state") or {}).get("request_id"))
+        start = time.perf_counter()
+        status = 500  # what the client sees if the app dies before answering
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            path = scope.get("path", "")
+            # probes and scrapes every few seconds would drown the log: debug level for them
+            level = logging.DEBUG if path in ("/healthz", "/readyz", "/metrics") else logging.INFO
+            access_log.log(
+                level,
+                "%s %s %d",
+                scope.get("method", ""),
+                path,
+                status,
+                extra={
+                    "method": scope.get("method", ""),
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                    "client": (scope.get("client") or ("", 0))[0],
+                },
+            )
+            request_id.reset(token)
