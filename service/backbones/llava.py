@@ -1,0 +1,364 @@
+"""The frozen LLaVA backbone (transformers) and its M²PT-prompted forward.
+
+Weights, as for CLIP: `--pretrained none` builds random weights from the config in `--model`
+(only when asked for by name, logged loudly), a local directory is read with `from_pretrained`,
+anything else downloads `--model` from the Hugging Face hub where the network allows. A missing
+weight is an error that names the fix; we never fall back to random weights.
+
+The prompted forward (M²PT, arXiv 2409.15657) is written here rather than patched into
+transformers' modules, so one frozen model serves prompted and plain requests side by side:
+
+* vision: deep prompts are prepended before the class token after the pre-layernorm and
+  overwritten at the input of every prompted layer; they are stripped before the feature layer's
+  output goes through the projector, so the language model sees exactly as many image tokens.
+* language: deep prompts occupy the first `n` positions of the sequence; a pre-hook on every
+  decoder layer overwrites them during prefill (the kwarg `m2pt_text` travels through the model's
+  `**kwargs`, so there is no shared mutable state between threads). Decode steps pass nothing:
+  the prompts' keys and values are carried by the KV cache.
+* positions: prompts take positions 0..n-1, then each row's tokens follow, with left padding
+  masked out; position ids are the cumulative sum of the attention mask, as `generate` computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from service.backbones.clip import PRECISIONS, fingerprint_state
+from service.errors import BackboneError, BadRequest, WeightsUnavailable
+
+log = logging.getLogger(__name__)
+
+OFFLINE_FIX = (
+    "Fix: pass --pretrained PATH to a local directory saved by transformers' save_pretrained "
+    "(a LLaVA model with its processor), or --pretrained none with --model CONFIG_DIR for random "
+    "weights (tests and benchmarks only)."
+)
+# LLaVA-1.5's conversation format, used when a processor ships no chat template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Per-sample M²PT tensors of one batch (every row has the same shapes)."""
+
+    vision: Tensor | None = None  # [B, Lv, nv, d_vision]
+    text: Tensor | None = None  # [B, Lt, nt, d_text]
+    projector: Mapping[str, Tensor] | None = None  # replaces the projector for the whole batch
+
+    @property
+    def n_text(self) -> int:
+        return 0 if self.text is None else int(self.text.shape[2])
+
+
+NO_PROMPTS = Prompts()
+
+
+@dataclass
+class DecodeState:
+    """What a decode step needs after prefill: the cache, the mask so far, the last positions."""
+
+    cache: Any
+    attention_mask: Tensor  # [B, S]
+    last_position: Tensor  # [B]
+
+
+def _text_prompt_hook(index: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        tokens = kwargs.pop("m2pt_text", None)  # always popped: attention must never see it
+        if tokens is None or index >= tokens.shape[1]:
+            return args, kwargs
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        n = tokens.shape[2]
+        hidden = torch.cat([tokens[:, index].to(hidden.dtype), hidden[:, n:]], dim=1)
+        return (hidden, *args[1:]), kwargs
+
+    return hook
+
+
+class LlavaBackbone:
+    """One frozen LlavaForConditionalGeneration with its processor and fingerprint."""
+
+    kind = "llava"
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        model_name: str,
+        pretrained: str,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise BackboneError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        self.fingerprint = fingerprint_state(model.state_dict())  # before any precision cast
+        self.device, self.dtype = torch.device(device), PRECISIONS[precision]
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.requires_grad_(False)
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        if getattr(processor, "chat_template", None) is None:
+            processor.chat_template = DEFAULT_CHAT_TEMPLATE
+        self.model_name, self.pretrained = model_name, pretrained
+        cfg = model.config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise BackboneError("only LLaVA models with one vision feature layer are supported")
+        self.tower: Any = getattr(
+            model.model.vision_tower, "vision_model", model.model.vision_tower
+        )
+        if not all(hasattr(self.tower, a) for a in ("embeddings", "pre_layrnorm", "encoder")):
+            raise BackboneError(
+                "M²PT needs a CLIP vision tower (embeddings, pre_layrnorm, encoder)"
+            )
+        self.lm: Any = model.model.language_model
+        self.projector: nn.Module = model.model.multi_modal_projector
+        n_layers = len(self.tower.encoder.layers)
+        self.feature_layers = cfg.vision_feature_layer % (n_layers + 1)  # layers actually run
+        self.strategy = cfg.vision_feature_select_strategy
+        self.image_token_id = int(cfg.image_token_id)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        eos = model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        for i, layer in enumerate(self.lm.layers):
+            layer.register_forward_pre_hook(_text_prompt_hook(i), with_kwargs=True)
+
+    # --- dimensions the M²PT parameters are declared against -----------------------------------
+    @property
+    def vision_width(self) -> int:
+        return int(self.model.config.vision_config.hidden_size)
+
+    @property
+    def vision_layers(self) -> int:
+        """Vision layers whose output reaches the projector (prompts deeper would be unused)."""
+        return int(self.feature_layers)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def text_layers(self) -> int:
+        return len(self.lm.layers)
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config.text_config, "max_position_embeddings", 4096))
+
+    def projector_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.projector.state_dict().items()}
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[Any]) -> Tensor:
+        """PIL images -> `[N, 3, H, W]` in the model's preprocessing."""
+        out = self.processor.image_processor(list(images), return_tensors="pt")
+        return out["pixel_values"].to(self.device, self.dtype)
+
+    def encode_chat(self, messages: list[dict[str, Any]], n_images: int) -> list[int]:
+        """Token ids of a conversation ending with the assistant's turn; image tokens expanded."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.encode_text(text, n_images)
+
+    def encode_text(self, text: str, n_images: int) -> list[int]:
+        """Token ids of text holding `n_images` `<image>` markers, each expanded to its features."""
+        image_token = getattr(self.processor, "image_token", "<image>")
+        if text.count(image_token) != n_images:
+            raise BadRequest(f"{text.count(image_token)} image markers for {n_images} images")
+        n = self.image_seq_length
+        expanded = text.replace(image_token, image_token * n)
+        ids: list[int] = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        return ids
+
+    @property
+    def image_seq_length(self) -> int:
+        """Image tokens per image: patches, plus the class token for the 'full' strategy."""
+        vc = self.model.config.vision_config
+        patches = (vc.image_size // vc.patch_size) ** 2
+        return int(patches + (0 if self.strategy == "default" else 1))
+
+    # --- the prompted forward ------------------------------------------------------------------
+    def image_features(
+        self,
+        pixel_values: Tensor,
+        vision: Tensor | None = None,
+        projector: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """`[N, image_seq_length, text_width]`: deep-prompted vision tower, then the projector."""
+        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values.to(self.dtype)))
+        n = 0
+        if vision is not None:
+            n = int(vision.shape[2])
+            hidden = torch.cat([vision[:, 0].to(hidden.dtype), hidden], dim=1)
+        for i, layer in enumerate(self.tower.encoder.layers[: self.feature_layers]):
+            if vision is not None and 0 < i < vision.shape[1]:
+                hidden = torch.cat([vision[:, i].to(hidden.dtype), hidden[:, n:]], dim=1)
+            hidden = layer(hidden, None)
+        feats = hidden[:, n + 1 :] if self.strategy == "default" else hidden[:, n:]
+        if projector is None:
+            return self.projector(feats)
+        return torch.func.functional_call(self.projector, dict(projector), (feats,))
+
+    def layout(self, rows: Sequence[Sequence[int]], n_text: int) -> tuple[Tensor, Tensor, Tensor]:
+        """`[prompt slots | left padding | tokens]` ids, attention mask and position ids."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), n_text + width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        mask[:, :n_text] = 1
+        for b, row in enumerate(rows):
+            if row:
+                ids[b, n_text + width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+                mask[b, n_text + width - len(row) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def embed(
+        self, ids: Tensor, pixel_values: Tensor | None, prompts: Prompts = NO_PROMPTS
+    ) -> Tensor:
+        """Token embeddings with image features scattered into the image-token positions."""
+        embeds = self.lm.embed_tokens(ids)
+        slots = ids == self.image_token_id
+        slots[:, : prompts.n_text] = False  # prompt slots hold pad ids, but be explicit
+        if pixel_values is None:
+            if slots.any():
+                raise BadRequest("image tokens in the text but no image was given")
+            return embeds
+        vision = prompts.vision
+        if vision is not None:  # only rows holding an image get their vision prompts
+            vision = vision[slots.any(-1)]
+        feats = self.image_features(pixel_values, vision, prompts.projector)
+        if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
+            raise BadRequest(
+                f"{int(slots.sum())} image tokens in the text for {feats.shape[0]} image(s) of "
+                f"{feats.shape[1]} features each"
+            )
+        return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def forward(
+        self,
+        rows: Sequence[Sequence[int]],
+        pixel_values: Tensor | None,
+        prompts: Prompts = NO_PROMPTS,
+        *,
+        use_cache: bool = False,
+        all_logits: bool = False,
+    ) -> tuple[Tensor, DecodeState | None]:
+        """Prefill: logits of the next token `[B, V]` (or of every position `[B, S, V]`)."""
+        ids, mask, positions = self.layout(rows, prompts.n_text)
+        if positions.max() >= self.max_positions:
+            raise BadRequest(f"prompt of {ids.shape[1]} tokens exceeds {self.max_positions}")
+        extra = {} if prompts.text is None else {"m2pt_text": prompts.text}
+        out = self.lm(
+            inputs_embeds=self.embed(ids, pixel_values, prompts),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=use_cache,
+            **extra,
+        )
+        hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
+        logits = self.model.lm_head(hidden)
+        state = DecodeState(out.past_key_values, mask, positions[:, -1]) if use_cache else None
+        return logits, state
+
+    def decode(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        """One decode step from the cache: logits `[B, V]` of the token after `tokens` `[B]`."""
+        tokens = tokens.to(self.device)
+        state.attention_mask = torch.cat(
+            [state.attention_mask, torch.ones_like(state.attention_mask[:, :1])], dim=1
+        )
+        state.last_position = state.last_position + 1
+        out = self.lm(
+            inputs_embeds=self.lm.embed_tokens(tokens[:, None]),
+            attention_mask=state.attention_mask,
+            position_ids=state.last_position[:, None],
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        state.cache = out.past_key_values
+        return self.model.lm_head(out.last_hidden_state[:, -1])
+
+    @torch.no_grad()
+    def greedy(
+        self,
+        rows: Sequence[Sequence[int]],
+        pixel_values: Tensor | None,
+        prompts: Prompts = NO_PROMPTS,
+        max_new_tokens: int = 16,
+        *,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Greedy tokens per row (no early stop): the reference the engine and tests check."""
+        out: list[list[int]] = [[] for _ in rows]
+        logits, state = self.forward(rows, pixel_values, prompts, use_cache=use_cache)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            for b, t in enumerate(nxt.tolist()):
+                out[b].append(int(t))
+            if step == max_new_tokens - 1:
+                break
+            if state is not None:
+                logits = self.decode(state, nxt)
+            else:  # the whole sequence again, prompts rewritten at every layer
+                full = [list(r) + o for r, o in zip(rows, out, strict=True)]
+                logits, _ = self.forward(full, pixel_values, prompts)
+        return out
+
+
+def load_llava(
+    model_name: str,
+    pretrained: str,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+) -> LlavaBackbone:
+    """Build the frozen LLaVA from a local directory, the hub, or `none` (random, from a config)."""
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    source = pretrained if os.path.isdir(pretrained) else model_name
+    if not source:
+        raise BackboneError(f"--model must name a LLaVA directory or hub id. {OFFLINE_FIX}")
+    local = os.path.isdir(source)
+    if not local and (os.path.sep in source and not source.count("/") == 1):
+        raise WeightsUnavailable(f"LLaVA directory {source} does not exist. {OFFLINE_FIX}")
+    kwargs: dict[str, Any] = {"cache_dir": cache_dir, "local_files_only": local}
+    try:
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        if pretrained == "none":
+            log.warning(
+                "RANDOM WEIGHTS: LLaVA %s built with --pretrained none; answers are meaningless "
+                "(tests, benchmarks)",
+                model_name,
+            )
+            model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(source, **kwargs))
+        else:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                source, dtype=torch.float32, **kwargs
+            )
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailable(
+            f"could not load LLaVA {source!r} (missing files, no network, or not a LLaVA "
+            f"checkpoint: {exc}). {OFFLINE_FIX}"
+        ) from exc
+    backbone = LlavaBackbone(
+        model, processor, model_name or source, pretrained, device=device, precision=precision
+    )
+    log.info(
+        "LLaVA %s (%s) on %s/%s, fingerprint %s",
+        backbone.model_name,
+        pretrained,
+        device,
+        precision,
+        backbone.fingerprint[:19],
+    )
+    return backbone
