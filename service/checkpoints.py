@@ -33,8 +33,9 @@ from service.errors import (
     NonFiniteTensor,
     ShapeMismatch,
 )
+from service.generative.m2pt import GENERATIVE_METHODS
 from service.prompts.base import Plan
-from service.prompts.registry import get_method
+from service.prompts.registry import get_method as get_clip_method
 
 FORMAT = 1
 METADATA_KEY = "promptserve"
@@ -46,6 +47,13 @@ MAX_TEMPLATES = 100
 MAX_TEMPLATE_CHARS = 300
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PARAM_DTYPE = torch.float32
+
+
+def get_method(name: str) -> Any:
+    """A classification method (service.prompts) or a generative one (M²PT, on LLaVA)."""
+    if isinstance(name, str) and name in GENERATIVE_METHODS:
+        return GENERATIVE_METHODS[name]
+    return get_clip_method(name)
 
 
 class BackboneRef(BaseModel):
@@ -179,7 +187,9 @@ def parse(data: bytes, max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
             raise DtypeMismatch(f"tensor {key!r} is {tensor.dtype}; checkpoints store float32")
         if not torch.isfinite(tensor).all():
             raise NonFiniteTensor(f"tensor {key!r} contains NaN or Inf values")
-    manifest.classnames = check_classnames(manifest.classnames)
+    # Generative checkpoints answer instructions: they name no classes.
+    if manifest.classnames or manifest.method not in GENERATIVE_METHODS:
+        manifest.classnames = check_classnames(manifest.classnames)
     check_templates(manifest.templates)
     return Checkpoint(manifest=manifest, params=params)
 
