@@ -48,6 +48,7 @@ async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     responses=ERRORS,
     openapi_extra={
         "requestBody": {
+            "required": True,
             "content": {
                 "multipart/form-data": {
                     "schema": {

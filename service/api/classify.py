@@ -84,11 +84,12 @@ async def _body(request: Request, max_images: int) -> tuple[list[str | bytes], d
     "/v1/classify",
     response_model=ClassifyResponse,
     responses=ERRORS,
+    # The handler reads the body itself (JSON or multipart), so FastAPI would not document it: the
+    # model's schema is inlined here (a bare $ref pointed at a component that was never emitted).
     openapi_extra={
         "requestBody": {
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}}
-            }
+            "required": True,
+            "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}},
         }
     },
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import ServicesDep
@@ -34,7 +34,8 @@ async def readyz(services: ServicesDep, strict: bool = False) -> Any:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+# documented as text/plain (the exposition format), not FastAPI's default application/json
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(services: ServicesDep) -> Response:
     """Prometheus exposition."""
     inference = services.inference
