@@ -35,7 +35,7 @@ from service.engine.runtimes.select import describe as describe_runtime
 from service.engine.runtimes.select import select_runtime
 from service.engine.zeroshot_cache import ZeroShotCache
 from service.images import ImageLimits
-from service.logs import RequestLog
+from service.logs import RequestLog, redact_url
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
 from service.settings import Settings
@@ -142,7 +142,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
                 "fingerprint": bb.fingerprint,
                 "device": str(bb.device),
                 "runtime": runtime.name,
-                "store": settings.store.split("@")[-1],
+                "store": redact_url(settings.store),
                 "auth": "keys" if settings.auth_enabled else "none",
             },
         )

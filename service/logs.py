@@ -78,6 +78,16 @@ def configure(fmt: LogFormat = "text", level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+def redact_url(url: str) -> str:
+    """`url` without its password (redis://:secret@host -> redis://:***@host), for logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+
+
 def uvicorn_log_config(fmt: LogFormat) -> dict[str, Any] | None:
     """uvicorn's `log_config`: None (keep ours, uvicorn's loggers propagate) for JSON, uvicorn's
     own coloured text otherwise. Its access log is replaced by `RequestLog` in both cases."""
