@@ -71,9 +71,11 @@ def configure(fmt: LogFormat = "text", level: str = "INFO") -> None:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
         handler.addFilter(_RequestIdText())
+    handler.set_name("promptserve")
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    for old in list(root.handlers):  # ours from an earlier call; others' (pytest's) stay
+        if old.get_name() == "promptserve":
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
 

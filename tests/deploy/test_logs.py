@@ -26,7 +26,8 @@ def captured() -> Iterator[io.StringIO]:
     saved = (list(root.handlers), root.level)
     logs.configure("json", "DEBUG")
     buf = io.StringIO()
-    root.handlers[0].stream = buf  # type: ignore[attr-defined]
+    (ours,) = [h for h in root.handlers if h.get_name() == "promptserve"]
+    ours.stream = buf  # type: ignore[attr-defined]
     yield buf
     root.handlers[:], root.level = saved[0], saved[1]
 

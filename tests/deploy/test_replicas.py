@@ -15,6 +15,7 @@ starting the processes is most of the cost:
 from __future__ import annotations
 
 import base64
+import json
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from tests.redis_server import RedisServer, _start_server
 
 ADMIN = {"Authorization": "Bearer admin-replicas"}
 READ = {"Authorization": "Bearer read-replicas"}
-KEYS = {"api_keys": "read-replicas", "admin_keys": "admin-replicas"}
+KEYS = {"api_keys": "read-replicas", "admin_keys": "admin-replicas", "log_format": "json"}
 IMAGE = base64.b64encode(png((200, 30, 30), seed=1)).decode()
 
 
@@ -104,6 +105,20 @@ def test_replicas_share_one_store(backbone, redis: RedisServer, tmp_path: Path) 
         assert wait_for_version(b.url, "pets", 1, within=1.0) < 1.0
         upload(a.url, checkpoint(backbone, name="pets", seed=1, classnames=CLASSNAMES))
         assert wait_for_version(b.url, "pets", 2, within=1.0) < 1.0
+
+        # the logs: JSON lines, the start-up line, the request id the client got back
+        r = httpx.post(
+            f"{b.url}/v1/classify",
+            json={"checkpoint": "pets", "images": [IMAGE]},
+            headers={**READ, "X-Request-ID": "trace-b-1"},
+        )
+        assert r.headers["x-request-id"] == "trace-b-1"
+        b_lines = [json.loads(x) for x in b.log.read_text().splitlines() if x.startswith("{")]
+        ready = next(x for x in b_lines if x["msg"].startswith("ready:"))
+        assert ready["auth"] == "keys" and ready["store"] == redis.url
+        assert any(
+            x.get("request_id") == "trace-b-1" and x.get("status") == 200 for x in b_lines
+        ), b.tail()
 
         # 2. A dies mid-traffic; every request to B still succeeds
         results: dict[str, list[tuple[float, int | None]]] = {a.url: [], b.url: []}
