@@ -24,9 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts_store import open_store
 from service import __version__, errors
-from service.api import checkpoints, classify, jobs, ops
+from service.api import answer, checkpoints, classify, jobs, ops
 from service.api.deps import Services
 from service.backbones.clip import ClipBackbone, load_clip
+from service.backbones.llava import LlavaBackbone, load_llava
 from service.engine.batcher import Batcher
 from service.engine.forward import encode
 from service.engine.inference import Inference
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 
 def load_backbone(settings: Settings) -> ClipBackbone:
     """The frozen backbone the settings name (raises with the fix when weights are missing)."""
+    if settings.backbone == "llava":
+        return load_llava(  # type: ignore[return-value]  # create_app tells the two apart
+            settings.model,
+            settings.pretrained,
+            device=settings.device,
+            precision=settings.precision,
+            cache_dir=settings.cache_dir,
+        )
     return load_clip(
         settings.model,
         settings.pretrained,
@@ -67,13 +76,19 @@ async def _warm_up(backbone: ClipBackbone, batcher: Batcher) -> None:
     await asyncio.to_thread(backbone.text_features, ["warm up"])
 
 
-def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> FastAPI:
+def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None = None) -> FastAPI:
     """The application; `backbone` may be injected (tests) instead of loaded from settings."""
     services = Services(settings=settings, metrics=Metrics(lambda: services.residency))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bb = backbone if backbone is not None else await asyncio.to_thread(load_backbone, settings)
+        if isinstance(bb, LlavaBackbone):  # instruction answering: its own wiring
+            from service.generative.wiring import llava_lifespan
+
+            async with llava_lifespan(app, services, bb):
+                yield
+            return
         store = open_store(settings.store)
         queue_url = queue_url_for(settings.queue, settings.store)
         if queue_url is not None:  # lazy client: a Redis outage answers 503 on /v1/jobs only
@@ -159,6 +174,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | None = None) -> Fast
     app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan)
     app.state.services = services
     app.include_router(classify.router)
+    app.include_router(answer.router)
     app.include_router(checkpoints.router)
     app.include_router(jobs.router)
     app.include_router(ops.router)

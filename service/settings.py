@@ -16,7 +16,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROMPTSERVE_", frozen=True, extra="forbid")
 
     # the backbone
-    model: str = Field(default="ViT-B-32", description="open_clip architecture name")
+    backbone: Literal["clip", "llava"] = Field(
+        default="clip",
+        description="clip: classification (open_clip); llava: instruction answering with M²PT",
+    )
+    model: str = Field(
+        default="ViT-B-32",
+        description="open_clip architecture name; with backbone=llava a hub id or directory",
+    )
     pretrained: str = Field(
         default="openai", description="open_clip pretrained tag, a weights file, or 'none'"
     )
@@ -77,6 +84,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_adhoc_classes: int = Field(default=1000, ge=1, description="ad-hoc zero-shot classes")
     zeroshot_cache_entries: int = Field(default=256, ge=1)
+    # generation (backbone=llava)
+    max_new_tokens: int = Field(default=256, ge=1, le=8192, description="default and cap")
+    gen_max_batch_size: int = Field(default=8, ge=1, le=256, description="rows per decode batch")
 
     def read_keys(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

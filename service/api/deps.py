@@ -17,6 +17,7 @@ from service.engine.residency import Residency
 from service.metrics import Metrics
 from service.settings import Settings
 from service.training.jobs import JobQueue
+from service.training.local_jobs import LocalJobs
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Services:
     store: ps.PromptStore | None = None
     residency: Residency | None = None
     inference: Inference | None = None
-    jobs: JobQueue | None = None
+    jobs: JobQueue | LocalJobs | None = None
     ready: bool = False
     status: dict[str, str] = field(default_factory=dict)
 

@@ -13,16 +13,23 @@ from service import errors
 from service.api.classify import ERRORS
 from service.api.deps import AdminAuth, ReadAuth, Services, ServicesDep
 from service.training.jobs import JobQueue
+from service.training.local_jobs import LocalJobs
 from service.training.runs import TrainSpec
 
 router = APIRouter(tags=["jobs"])
 
 
 class JobProgress(BaseModel):
+    """Where a running job is: epoch (1-based) of epochs, optimizer steps done of the total (the
+    total and the ETA are known once the first epoch has ended), running loss and accuracy."""
+
     epoch: int
     epochs: int
+    step: int | None = None
+    steps: int | None = None
     loss: float
     acc: float
+    eta_s: float | None = None
 
 
 class JobResult(BaseModel):
@@ -52,9 +59,12 @@ class JobOut(BaseModel):
     cancel_requested: bool | None = None
 
 
-def _jobs(services: Services) -> JobQueue:
+def _jobs(services: Services) -> JobQueue | LocalJobs:
     if services.jobs is None:
-        raise errors.NotReady("training jobs need a Redis queue: set PROMPTSERVE_QUEUE=redis://...")
+        raise errors.NotReady(
+            "training jobs are off: set PROMPTSERVE_QUEUE=redis://... (workers) or "
+            "PROMPTSERVE_LOCAL_JOBS=true (the service trains them itself)"
+        )
     return services.jobs
 
 

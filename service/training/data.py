@@ -262,6 +262,7 @@ def uploaded_set(
     limits: ImageLimits,
     max_items: int = 2000,
     max_classes: int = 1000,
+    min_classes: int = 2,
 ) -> LabeledSet:
     """A bounded few-shot set sent through the API: (image bytes, class name) pairs.
 
@@ -273,8 +274,8 @@ def uploaded_set(
     names = sorted({name.strip() for _, name in items})
     if len(names) > max_classes:
         raise TooManyClasses(f"{len(names)} classes sent; a training set may have {max_classes}")
-    if len(names) < 2:
-        raise BadRequest("a training set needs images of at least 2 classes")
+    if len(names) < min_classes:
+        raise BadRequest(f"a set needs images of at least {min_classes} classes")
     for name in names:
         if not name or len(name) > MAX_CLASSNAME:
             raise BadRequest(f"class names must be 1..{MAX_CLASSNAME} characters, got {name!r}")

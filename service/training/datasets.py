@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,8 +11,9 @@ from torch import Tensor
 
 from service import errors
 from service.backbones.clip import ClipBackbone
+from service.images import ImageLimits, decode_base64
 from service.training import data
-from service.training.runs import EvalSet, RunData, TrainSpec
+from service.training.runs import EvalSet, RunData, TrainSpec, UploadedImage
 
 EVAL_BATCH = 64
 
@@ -29,12 +31,14 @@ def load_data(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunDa
     ds = spec.dataset
     if ds.kind == "proving_ground":
         return _proving_ground(spec, backbone, batch_size)
-    if ds.root is None:
+    if ds.kind == "upload":
+        train, test = uploaded(spec)
+    elif ds.root is None:
         raise errors.BadRequest(f"dataset kind {ds.kind} needs a root directory")
-    root = Path(ds.root)
-    if ds.kind == "image_folder":
-        train = test = data.image_folder(root)  # one folder: evaluated on all of it
+    elif ds.kind == "image_folder":
+        train = test = data.image_folder(Path(ds.root))  # one folder: evaluated on all of it
     else:
+        root = Path(ds.root)
         if ds.split_file is None:
             raise errors.BadRequest("coop_split needs split_file (split_zhou_<Dataset>.json)")
         train = data.coop_split(root, Path(ds.split_file), "train")
@@ -44,8 +48,9 @@ def load_data(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunDa
         train, _ = data.base_novel(train)
         base, novel = data.base_novel(test)
         evals = {"base": base, "novel": novel}
-    else:
-        evals = {"test": test}
+    else:  # an upload without held-out images is scored on what it trained on, named so
+        held_out = ds.kind != "upload" or bool(ds.test_images)
+        evals = {"test" if held_out else "train": test}
     if spec.shots is not None:
         train = train.few_shot(spec.shots, spec.seed)
     augment, plain = data.train_transform(backbone), data.eval_transform(backbone)
@@ -62,6 +67,36 @@ def load_data(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunDa
         },
         identity=train.identity(),
     )
+
+
+def uploaded(spec: TrainSpec) -> tuple[data.LabeledSet, data.LabeledSet]:
+    """The training and test sets of an `upload` dataset, every image decoded and checked (so a
+    bad one is refused at submit time). Without `test_images` the test set is the training set:
+    the run's accuracy then says how well the prompts fit the uploaded images, nothing more."""
+    ds = spec.dataset
+    if not ds.images:
+        raise errors.BadRequest("an upload dataset needs images: [{image: <base64>, label}]")
+    limits = ImageLimits()
+
+    def items(images: list[UploadedImage], what: str) -> list[tuple[bytes, str]]:
+        out = []
+        for i, item in enumerate(images):
+            try:
+                out.append((decode_base64(item.image, limits), item.label))
+            except errors.PromptServeError as err:
+                raise type(err)(f"{what} {i}: {err.message}") from None
+        return out
+
+    train = data.uploaded_set(items(ds.images, "image"), limits)
+    if not ds.test_images:
+        return train, train
+    test = data.uploaded_set(items(ds.test_images, "test image"), limits, min_classes=1)
+    index = {name: i for i, name in enumerate(train.classnames)}
+    unknown = sorted(set(test.classnames) - set(index))
+    if unknown:
+        raise errors.BadRequest(f"test images name classes with no training images: {unknown}")
+    samples = [replace(s, label=index[s.classname]) for s in test.samples]
+    return train, data.LabeledSet(samples, list(train.classnames), test.meta)
 
 
 def _proving_ground(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunData:

@@ -40,7 +40,7 @@ from service import errors
 from service.backbones.clip import ClipBackbone, load_clip
 from service.prompts import get_method
 from service.settings import Settings
-from service.training.datasets import load_data
+from service.training.datasets import load_data, uploaded
 from service.training.recipes import RECIPES
 from service.training.runs import DataLoaderFn, TrainSpec, run, summary
 from service.training.trainer import Cancelled
@@ -56,6 +56,7 @@ _STATES = {  # RQ's status -> ours (CREATED, QUEUED, DEFERRED, SCHEDULED: "queue
     JobStatus.STARTED: "started", JobStatus.FINISHED: "finished", JobStatus.FAILED: "failed",
     JobStatus.STOPPED: "failed", JobStatus.CANCELED: "cancelled",
 }  # fmt: skip
+PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "loss", "acc", "eta_s")
 _CANCELLED = {"cancelled": True}  # what `execute` returns when it stopped on request
 
 
@@ -108,15 +109,8 @@ class JobQueue:
         self.conn.close()
 
     def submit(self, spec: TrainSpec) -> str:
-        """Enqueue a run after the checks that need no data (method, config, recipe)."""
-        method = get_method(spec.method)  # UnknownMethod (422)
-        if spec.method not in RECIPES:
-            raise errors.InvalidContent(f"method {spec.method!r} has nothing to train")
-        method.config(spec.method_config)  # InvalidConfig (422)
-        try:
-            RECIPES[spec.method].with_overrides(spec.recipe)
-        except (ValueError, TypeError) as exc:
-            raise errors.InvalidContent(f"recipe: {exc}") from exc
+        """Enqueue a run after the checks that need no backbone (see `check_spec`)."""
+        check_spec(spec)
         with _redis_errors(self.conn):
             job = self.queue.enqueue(
                 execute, args=(spec.model_dump_json(),), kwargs={"alive_ttl_s": self.alive_ttl_s},
@@ -197,6 +191,20 @@ class JobQueue:
         elif status == JobStatus.STARTED and self.conn.exists(cancel_key(job.id)):
             out["cancel_requested"] = True
         return out
+
+
+def check_spec(spec: TrainSpec) -> None:
+    """What can be refused before a job is queued: method, config, recipe, uploaded images."""
+    method = get_method(spec.method)  # UnknownMethod (422)
+    if spec.method not in RECIPES:
+        raise errors.InvalidContent(f"method {spec.method!r} has nothing to train")
+    method.config(spec.method_config)  # InvalidConfig (422)
+    try:
+        RECIPES[spec.method].with_overrides(spec.recipe)
+    except (ValueError, TypeError) as exc:
+        raise errors.InvalidContent(f"recipe: {exc}") from exc
+    if spec.dataset.kind == "upload":
+        uploaded(spec)  # decodes every image: a bad one is a 4xx now, not a failed job later
 
 
 def settle_lost(job: Job, queue: Queue) -> None:
@@ -350,7 +358,7 @@ def execute(spec_json: str, alive_ttl_s: float = ALIVE_TTL_S) -> dict[str, Any]:
 
         def progress(row: dict[str, Any]) -> None:
             if not beat.lost.is_set():  # a settled job's meta holds the reader's verdict
-                keys = ("epoch", "epochs", "loss", "acc")
+                keys = PROGRESS_KEYS
                 _save_meta(job, progress={k: row[k] for k in keys if k in row})
 
         try:

@@ -32,14 +32,32 @@ from service.training.trainer import Batches, Progress, TrainResult, train
 log = logging.getLogger(__name__)
 
 
-class DatasetSpec(BaseModel):
-    """Where the images come from."""
+class UploadedImage(BaseModel):
+    """One labeled image of a few-shot set sent with the job (base64 of the encoded file)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["image_folder", "coop_split", "proving_ground"]
+    image: str = Field(max_length=16 * 2**20)
+    label: str = Field(min_length=1, max_length=200)
+
+
+MAX_UPLOADED = 2000  # images per uploaded set: a few-shot set, not a dataset to host
+
+
+class DatasetSpec(BaseModel):
+    """Where the images come from. `upload`: the images travel inside the job itself (bounded by
+    the request body limit), so a worker on any machine can train on them."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["image_folder", "coop_split", "proving_ground", "upload"]
     root: str | None = None
     split_file: str | None = None
     domain: str | None = Field(default=None, description="proving-ground domain")
+    images: list[UploadedImage] | None = Field(
+        default=None, max_length=MAX_UPLOADED, description="upload: the training images"
+    )
+    test_images: list[UploadedImage] | None = Field(
+        default=None, max_length=MAX_UPLOADED, description="upload: held-out images (optional)"
+    )
 
 
 class TrainSpec(BaseModel):
