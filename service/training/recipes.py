@@ -12,7 +12,7 @@ extend (IVLP-like and CoOp-like) and say so in docs/METHODS.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Recipe:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    # bf16 autocast: "auto" = on a GPU only
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
     # PromptSRC: self-regularization weights and Gaussian weighting of epoch snapshots
     text_loss_weight: float = 0.0
     image_loss_weight: float = 0.0
@@ -35,6 +37,12 @@ class Recipe:
     # dual-view: weight of the mutual-information term and of the class-wise augmentation
     mi_weight: float = 0.0
     augment_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("auto", "bf16", "off"):
+            raise ValueError(
+                f"mixed_precision must be auto, bf16 or off, not {self.mixed_precision!r}"
+            )
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> Recipe:
         """The recipe with user overrides (unknown keys are errors)."""

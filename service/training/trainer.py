@@ -163,6 +163,49 @@ class _Objective:
         return loss, logits
 
 
+def mixed_precision(recipe: Recipe, device: torch.device) -> bool:
+    """bf16 autocast: "auto" turns it on on a GPU only (it is slower on the CPU)."""
+    if recipe.mixed_precision == "auto":
+        return device.type == "cuda"
+    return recipe.mixed_precision == "bf16"
+
+
+class _Reporter:
+    """Progress rows: after every epoch, and within one at most every `every_s` seconds, with the
+    step count and an ETA (known once the first epoch has shown how many steps an epoch has)."""
+
+    def __init__(self, progress: Progress | None, epochs: int, every_s: float = 1.0) -> None:
+        self.progress, self.epochs, self.every_s = progress, epochs, every_s
+        self.start = self.last = time.perf_counter()
+        self.steps = 0
+        self.per_epoch: int | None = None
+
+    def _row(self, epoch: int, loss: float, acc: float) -> dict[str, Any]:
+        total = self.per_epoch * self.epochs if self.per_epoch else None
+        eta = None
+        if total:
+            eta = (time.perf_counter() - self.start) / self.steps * (total - self.steps)
+        return {
+            "epoch": epoch + 1, "epochs": self.epochs, "step": self.steps, "steps": total,
+            "loss": loss, "acc": acc, "eta_s": None if eta is None else round(eta, 1),
+        }  # fmt: skip
+
+    def step(self, epoch: int, loss: float, acc: float) -> None:
+        self.steps += 1
+        now = time.perf_counter()
+        if self.progress is not None and now - self.last >= self.every_s:
+            self.last = now
+            self.progress({**self._row(epoch, loss, acc), "epoch_end": False})
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        if self.per_epoch is None:
+            self.per_epoch = self.steps
+        self.last = time.perf_counter()
+        if self.progress is not None:
+            self.progress({**row, **self._row(row["epoch"] - 1, row["loss"], row["acc"]),
+                           "epoch_end": True})  # fmt: skip
+
+
 def train(
     method_name: str,
     backbone: ClipBackbone,
@@ -201,8 +244,9 @@ def train(
         else None
     )
     averaged = {k: torch.zeros_like(v) for k, v in params.items()} if gpa else None
-    autocast = backbone.device.type == "cuda"
+    amp = mixed_precision(recipe, backbone.device)
     history: list[dict[str, float]] = []
+    report = _Reporter(progress, recipe.epochs)
     for epoch in range(recipe.epochs):
         for group in opt.param_groups:
             group["lr"] = epoch_lr(recipe, epoch)
@@ -211,14 +255,16 @@ def train(
             if should_stop is not None and should_stop():
                 raise Cancelled("training cancelled")
             images, labels = images.to(backbone.device), labels.to(backbone.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            # bf16 autocast: activations in half precision, parameters and their grads in fp32
+            with torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=amp):
                 loss, logits = objective.loss(params, images, labels)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.float().backward()
             opt.step()
             total += float(loss.detach()) * len(labels)
             correct += float((logits.argmax(-1) == labels).sum())
             seen += len(labels)
+            report.step(epoch, total / seen, correct / seen)
         if averaged is not None and gpa is not None:
             with torch.no_grad():
                 for k, v in params.items():
@@ -230,8 +276,7 @@ def train(
             "lr": opt.param_groups[0]["lr"],
         }
         history.append(row)
-        if progress is not None:
-            progress({**row, "epochs": recipe.epochs})
+        report.epoch_end(row)
     final = averaged if averaged is not None else params
     return TrainResult(
         method=method_name,

@@ -10,7 +10,7 @@ from service.prompts import get_method
 from service.training import losses
 from service.training.evaluate import accuracy, harmonic_mean
 from service.training.recipes import RECIPES
-from service.training.trainer import Cancelled, epoch_lr, tensor_batches, train
+from service.training.trainer import Cancelled, epoch_lr, mixed_precision, tensor_batches, train
 
 TRAINABLE = sorted(RECIPES)
 SMALL = {"maple": {"depth": 2}, "coop": {"n_ctx": 4}, "vpt": {"n_ctx_vision": 2}}
@@ -101,3 +101,49 @@ def test_cancel_stops_training(backbone, classnames):
 def test_harmonic_mean():
     assert harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.8 * 0.6 / 1.4)
     assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize("method", ["coop", "maple"])
+def test_bf16_mixed_precision_learns_and_keeps_float32_parameters(backbone, classnames, method):
+    """The autocast path a GPU takes by default, forced on the CPU (bf16 autocast exists there)."""
+    images, labels = _data()
+    recipe = _fast(method, mixed_precision="bf16")
+    seen_dtypes: list[torch.dtype] = []
+    hook = backbone.visual.transformer.resblocks[0].register_forward_hook(
+        lambda _m, _i, out: seen_dtypes.append(out.dtype)
+    )
+    try:
+        result = train(
+            method, backbone, tensor_batches(images, labels, 8), classnames,
+            method_config=SMALL.get(method), recipe=recipe,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen_dtypes  # the forward really ran in half precision
+    curve = [row["loss"] for row in result.history]
+    assert curve[-1] < curve[0], curve
+    assert all(v.dtype == torch.float32 for v in result.params.values())
+    assert all(torch.isfinite(v).all() for v in result.params.values())
+
+
+def test_mixed_precision_defaults_to_the_gpu_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not mixed_precision(RECIPES["coop"], cpu) and mixed_precision(RECIPES["coop"], gpu)
+    off = RECIPES["coop"].with_overrides({"mixed_precision": "off"})
+    assert not mixed_precision(off, gpu)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        RECIPES["coop"].with_overrides({"mixed_precision": "fp8"})
+
+
+def test_progress_reports_steps_and_an_eta_after_the_first_epoch(backbone, classnames):
+    images, labels = _data()
+    rows: list[dict] = []
+    recipe = _fast("coop", epochs=3)
+    train(
+        "coop", backbone, tensor_batches(images, labels, 8), classnames,
+        method_config=SMALL["coop"], recipe=recipe, progress=rows.append,
+    )  # fmt: skip
+    ends = [r for r in rows if r["epoch_end"]]
+    assert [r["epoch"] for r in ends] == [1, 2, 3]
+    assert [r["step"] for r in ends] == [2, 4, 6] and all(r["steps"] == 6 for r in ends)
+    assert ends[-1]["eta_s"] == 0 and ends[0]["eta_s"] is not None and ends[0]["eta_s"] >= 0
