@@ -30,7 +30,10 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if length is not None and not length.isdigit():
+            await _reject(send, self.limit, 400, "bad_request", "Content-Length is not a number")
+            return
+        if length is not None and int(length) > self.limit:
             await _reject(send, self.limit)
             return
         seen = 0
@@ -51,12 +54,14 @@ def _too_large(limit: int) -> str:
     return f"request body over {limit} bytes; send fewer or smaller images"
 
 
-async def _reject(send: Send, limit: int) -> None:
-    body = error_body(BodyTooLarge.code, _too_large(limit))
+async def _reject(
+    send: Send, limit: int, status: int = 413, code: str = "", message: str = ""
+) -> None:
+    body = error_body(code or BodyTooLarge.code, message or _too_large(limit))
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

@@ -33,6 +33,10 @@ async def _multipart(request: Request, max_images: int) -> tuple[list[bytes], di
     except errors.PromptServeError:
         raise
     except Exception as exc:
+        if "Too many files" in str(exc):  # starlette's parser stops at max_files: same as JSON
+            raise errors.TooManyImages(
+                f"more than {max_images} images; at most {max_images} per request"
+            ) from exc
         raise errors.BadRequest(f"malformed multipart body: {exc}") from exc
     files: list[bytes] = []
     fields: dict[str, list[str]] = {}
