@@ -134,6 +134,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             max_images=settings.max_images,
             timeout_s=settings.request_timeout_s,
             max_batch=settings.max_batch_size,
+            max_admitted=settings.max_queue + settings.max_batch_size,
         )
         await _warm_up(bb, batcher)
         services.status = {

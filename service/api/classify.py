@@ -101,14 +101,15 @@ async def classify(request: Request, services: ServicesDep, _: ReadAuth) -> dict
     """Classify images by checkpoint(s), or zero-shot with ad-hoc class names."""
     inference = services.require()
     start = time.perf_counter()
-    files, fields = await _body(request, inference.max_images)
-    req = ClassifyRequest.model_validate({"images": [], **fields})
-    items: list[str | bytes] = [*req.images, *files]
-    inference.check_count(len(items))
-    targets = await inference.targets(
-        req.checkpoint, req.checkpoints, req.classnames, req.templates
-    )
-    results = await inference.classify(items, targets, req.top_k)
+    with inference.admission():  # 429 at once when full, before the body is read
+        files, fields = await _body(request, inference.max_images)
+        req = ClassifyRequest.model_validate({"images": [], **fields})
+        items: list[str | bytes] = [*req.images, *files]
+        inference.check_count(len(items))
+        targets = await inference.targets(
+            req.checkpoint, req.checkpoints, req.classnames, req.templates
+        )
+        results = await inference.classify(items, targets, req.top_k)
     for t in targets:
         services.metrics.latency.labels("classify", t.checkpoint or "zeroshot").observe(
             time.perf_counter() - start

@@ -8,8 +8,9 @@ share one encode), then one matrix product per checkpoint, in the batcher's work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,25 @@ class Inference:
     max_images: int
     timeout_s: float
     max_batch: int = 32  # the batcher's max_batch_size: larger requests go in chunks
+    # Admission: requests between arrival and answer (reading, decoding, queued, computing).
+    # Bounded so a crowd is refused at once, before its bodies are parsed and its images
+    # decoded; the batcher's own queue bound alone came too late (decoding waits in the thread
+    # pool), which made 429s take seconds under overload (bench/load.py). 0: unbounded.
+    max_admitted: int = 0
+    admitted: int = 0
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Count a request in for its lifetime, or refuse it at once with 429 (event loop only)."""
+        if self.max_admitted and self.admitted >= self.max_admitted:
+            raise errors.Overloaded(
+                f"server overloaded: {self.admitted} requests in progress; retry with backoff"
+            )
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
 
     # --- inputs --------------------------------------------------------------------------------
     def check_count(self, n: int) -> None:

@@ -1,0 +1,243 @@
+"""Load and overload against a real `promptserve serve` (uvicorn) on loopback, mixed checkpoints.
+
+    .venv/bin/python bench/load.py                       # tiny test CLIP: seconds, any machine
+    .venv/bin/python bench/load.py --model ViT-B-32 --seconds 30 --clients 32
+
+Two phases against one server process:
+  1. load: N clients, each sending one request after another for a fixed time, round-robin over
+     checkpoints of several methods (CoOp, CoCoOp, VPT, MaPLe, bias; different signatures);
+     prints throughput, latency p50/p95/p99, responses by status, the server's peak RSS.
+  2. overload: far more clients than the queue admits (--overload-clients, the server's
+     max_queue set to --max-queue): prints the share refused with 429, how fast a 429 comes,
+     latency of the accepted requests (bounded by the queue, not by the crowd), and the
+     server's RSS over the run (first third vs last third: no growth).
+Exits 1 if any response was a 5xx or an error other than 429.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import backbone, checkpoint_bytes, percentile
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "tiny_clip.json"
+METHODS = ("coop", "cocoop", "vpt", "maple", "bias")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _image_b64(size: int) -> str:
+    gen = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _proc_kib(pid: int, field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of a process, in KiB, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class RssSampler:
+    """Samples the server's RSS every `interval` seconds while running."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.pid, self.interval = pid, interval
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(_proc_kib(self.pid, "VmRSS"))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def drive(base: str, bodies: list[dict], clients: int, seconds: float) -> dict:
+    """`clients` concurrent clients, each sending one request after another for `seconds`."""
+    lat_ok: list[float] = []
+    lat_429: list[float] = []
+    statuses: dict[int, int] = {}
+    errors: dict[str, int] = {}
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            k = i
+            while time.perf_counter() < stop:
+                body = bodies[k % len(bodies)]
+                k += clients
+                t = time.perf_counter()
+                try:
+                    r = await client.post("/v1/classify", json=body)
+                except httpx.HTTPError as exc:  # connection refused or reset: counted, not hidden
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    continue
+                dt = time.perf_counter() - t
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    lat_ok.append(dt)
+                elif r.status_code == 429:
+                    lat_429.append(dt)
+                    await asyncio.sleep(0.005)  # a polite client backs off a little, not long
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(clients)))
+        elapsed = time.perf_counter() - start
+    out: dict = {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "ok_per_s": round(len(lat_ok) / elapsed, 1),
+        "statuses": dict(sorted(statuses.items())),
+        "transport_errors": errors,
+    }
+    if lat_ok:
+        out |= {f"p{q}_ms": round(percentile(lat_ok, q) * 1e3, 1) for q in (50, 95, 99)}
+        out["max_ms"] = round(max(lat_ok) * 1e3, 1)
+    if lat_429:
+        out["p99_429_ms"] = round(percentile(lat_429, 99) * 1e3, 1)
+    return out
+
+
+def start_server(
+    args: argparse.Namespace, tmp: Path, weights: Path
+) -> tuple[subprocess.Popen, str]:
+    port = _port()
+    env = {
+        **os.environ,
+        "PROMPTSERVE_MAX_QUEUE": str(args.max_queue),
+        "PROMPTSERVE_REQUEST_TIMEOUT_S": str(args.timeout),
+        "PROMPTSERVE_RUNTIME": "torch",
+        "PROMPTSERVE_LOG_LEVEL": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--pretrained", str(weights),
+           "--store", f"file://{tmp / 'store'}", "--port", str(port),
+           "--max-batch-size", str(args.max_batch_size)]  # fmt: skip
+    cmd += ["--model-config", str(TINY)] if args.model == "tiny" else ["--model", args.model]
+    log = (tmp / "server.log").open("w")
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit((tmp / "server.log").read_text())
+        time.sleep(0.3)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="tiny", help="'tiny' (tests/tiny_clip.json) or open_clip")
+    p.add_argument("--seconds", type=float, default=15)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--checkpoints", type=int, default=10, help="spread over the methods")
+    p.add_argument("--overload-clients", type=int, default=256)
+    p.add_argument("--max-queue", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--timeout", type=float, default=10.0, help="the server's request deadline")
+    args = p.parse_args()
+    bb = backbone("", str(TINY)) if args.model == "tiny" else backbone(args.model)
+    tmp = Path(tempfile.mkdtemp())
+    weights = tmp / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
+    server, base = start_server(args, tmp, weights)
+    try:
+        size = bb.visual.image_size
+        image = _image_b64(size if isinstance(size, int) else size[0])
+        names = []
+        for i in range(args.checkpoints):
+            method = METHODS[i % len(METHODS)]
+            name = f"{method}-{i}"
+            blob = checkpoint_bytes(bb, name, method, 10, seed=i)
+            r = httpx.post(f"{base}/v1/checkpoints", files={"file": ("c", blob)}, timeout=120)
+            r.raise_for_status()
+            names.append(name)
+        bodies = [{"checkpoint": n, "images": [image]} for n in names]
+        for body in bodies:  # resident and warm before timing
+            httpx.post(f"{base}/v1/classify", json=body, timeout=120).raise_for_status()
+        rss_idle = _proc_kib(server.pid, "VmRSS")
+        print(
+            f"server: model {args.model} (random weights), {os.cpu_count()} CPU cores, "
+            f"{args.checkpoints} checkpoints over {', '.join(METHODS)}; max_queue "
+            f"{args.max_queue}, max_batch_size {args.max_batch_size}, deadline {args.timeout} s; "
+            f"RSS when warm {rss_idle / 1024:.0f} MiB"
+        )
+        with RssSampler(server.pid) as load_rss:
+            load = asyncio.run(drive(base, bodies, args.clients, args.seconds))
+        load["peak_rss_mib"] = round(_proc_kib(server.pid, "VmHWM") / 1024, 1)
+        print(f"1. load: {json.dumps(load)}")
+
+        with RssSampler(server.pid) as over_rss:
+            over = asyncio.run(drive(base, bodies, args.overload_clients, args.seconds))
+        third = max(1, len(over_rss.samples) // 3)
+        first = max(over_rss.samples[:third]) / 1024
+        last = max(over_rss.samples[-third:]) / 1024
+        total = sum(over["statuses"].values()) or 1
+        over |= {
+            "share_429": round(over["statuses"].get(429, 0) / total, 3),
+            "rss_first_third_mib": round(first, 1),
+            "rss_last_third_mib": round(last, 1),
+            "rss_growth_mib": round(last - first, 1),
+            "peak_rss_mib": round(_proc_kib(server.pid, "VmHWM") / 1024, 1),
+        }
+        print(f"2. overload: {json.dumps(over)}")
+        after = asyncio.run(drive(base, bodies, 1, min(3.0, args.seconds)))
+        print(f"3. after the overload, one client: {json.dumps(after)}")
+        del load_rss
+        bad = {
+            s: n
+            for phase in (load, over, after)
+            for s, n in phase["statuses"].items()
+            if s not in (200, 429)
+        }
+        errors = sum(sum(ph["transport_errors"].values()) for ph in (load, over, after))
+        print(json.dumps({"load": load, "overload": over, "after": after, "bad": bad}))
+        return 1 if bad or errors or after["statuses"].get(429) else 0
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

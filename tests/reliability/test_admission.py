@@ -1,0 +1,32 @@
+"""Overload is refused at the door: a full server answers 429 before reading or decoding a body
+(regression: the 429 used to come from the batcher's queue, after seconds in the decode pool)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.api.conftest import b64, make_client, png, upload  # noqa: F401
+
+BODY = {"checkpoint": "eurosat", "images": [b64(png())]}
+
+
+def test_full_server_refuses_before_decoding(make_client, upload, monkeypatch):  # noqa: F811
+    c = make_client(max_queue=2, max_batch_size=2)
+    assert upload(c).status_code == 201
+    inference = c.app.state.services.inference
+    assert inference.max_admitted == 4  # max_queue + max_batch_size
+    decoded: list[int] = []
+    real = inference.decode
+    monkeypatch.setattr(inference, "decode", lambda items: decoded.append(1) or real(items))
+    inference.admitted = inference.max_admitted  # as if that many were in progress
+    start = time.monotonic()
+    r = c.post("/v1/classify", json=BODY)
+    assert time.monotonic() - start < 1.0
+    assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded", r.text
+    assert decoded == []  # refused before any work
+    inference.admitted = 0
+    r = c.post("/v1/classify", json=BODY)
+    assert r.status_code == 200 and decoded == [1]
+    assert inference.admitted == 0  # counted out again, also after errors:
+    assert c.post("/v1/classify", json={"checkpoint": "nope", "images": []}).status_code == 400
+    assert inference.admitted == 0
