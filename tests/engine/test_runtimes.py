@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,3 +79,36 @@ def test_torch_runtime_is_the_backbone(backbone, images):
     rt = TorchRuntime(backbone)
     assert torch.equal(rt.encode(images, None, None, "append"), backbone.encode_image(images))
     assert rt.describe()["runtime"] == "torch"
+
+
+def test_vision_graph_uses_the_fused_attention_op(backbone, onnx_cache):
+    import onnx
+
+    rt = OnnxRuntime(backbone, onnx_cache)
+    rt.encode(torch.randn(1, 3, 32, 32), None, None, "append")
+    ops = [n.op_type for n in onnx.load(str(rt.path((0, 0, "append")))).graph.node]
+    assert ops.count("MultiHeadAttention") == backbone.vision_layers
+    assert ops.count("Transpose") == 1  # the patch embedding's only: no per-head reshuffles
+
+
+def test_text_tower_parity(backbone, onnx_cache):
+    rt = OnnxRuntime(backbone, onnx_cache)
+    ids = backbone.tokenize(["a photo of a cat.", "a", "a blurry photo of a very large red fox."])
+    ref = backbone.encode_text_ids(ids)
+    got = rt.encode_text_ids(ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-4
+    # one graph, dynamic rows and length: a shorter single prompt reuses it
+    exports = rt.exports
+    one = backbone.tokenize(["x"])
+    assert (rt.encode_text_ids(one) - backbone.encode_text_ids(one)).abs().max() <= 1e-4
+    assert rt.exports == exports
+
+
+def test_threads_default_to_physical_cores():
+    from service.engine.runtimes.onnx import physical_cores, session_options
+
+    cores = physical_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert session_options(None).intra_op_num_threads == cores
+    assert session_options(3).intra_op_num_threads == 3

@@ -3,8 +3,10 @@
 One exported graph serves every checkpoint of a signature and mixed-checkpoint batches, with a
 dynamic batch axis; nothing is re-exported per checkpoint. Biases are always an input of full
 depth (zeros where a plan has none: a no-op), so bias-only and text-only plans share the plain
-graph. Exports are cached on disk, keyed by the backbone fingerprint, the signature and the
-versions of torch, onnx and onnxruntime. Optional int8 dynamic quantization for CPU serving.
+graph. Exports are cached on disk, keyed by the backbone fingerprint, the signature, the export
+form and the versions of torch, onnx and onnxruntime. Optional int8 dynamic quantization for CPU
+serving. The text tower is exported too (ad-hoc zero-shot class names). On a GPU the CUDA
+execution provider runs with I/O binding: inputs and outputs stay in torch's CUDA memory.
 """
 
 from __future__ import annotations
@@ -16,40 +18,56 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from service.backbones import prompted
 from service.backbones.clip import ClipBackbone
 from service.backbones.prompted import Placement
+from service.engine.runtimes.onnx_export import export_text, export_vision, truncate_ids
 
 log = logging.getLogger(__name__)
 
 Key = tuple[int, int, str]  # (token depth, tokens per layer, placement); (0, 0, "append") plain
+FORM = "mha1"  # the export form (fused attention); part of the cache key: a new form re-exports
 
 
-class _PromptedVision(nn.Module):
-    """What gets exported: the vision tower with tokens and biases as inputs."""
-
-    def __init__(self, visual: nn.Module, placement: Placement, with_tokens: bool) -> None:
-        super().__init__()
-        self.visual, self.placement, self.with_tokens = visual, placement, with_tokens
-
-    def forward(self, images: Tensor, bias: Tensor, tokens: Tensor | None = None) -> Tensor:
-        return prompted.encode_image(self.visual, images, tokens, bias, self.placement)
+def physical_cores() -> int:
+    """Physical cores this process may run on. Hyper-threads share a core's FMA units, so more
+    intra-op threads than cores only add contention to GEMM-bound work."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    try:
+        cores, cpu, phys = set(), -1, "0"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                phys = value
+            elif key == "core id" and (not allowed or cpu in allowed):
+                cores.add((phys, value))
+        if cores:
+            return len(cores)
+    except (OSError, ValueError):
+        pass
+    return len(allowed) or os.cpu_count() or 1
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
-    """Deliberate settings: all graph optimizations, a memory arena, intra-op threads = cores
-    (ORT's default spins extra threads that only contend on a small machine), sequential
-    execution (a ViT is one chain of ops: parallel execution buys nothing)."""
+    """Deliberate settings: all graph optimizations (LayerNorm/GELU/bias fusions on top of the
+    fused attention the export emits), the CPU memory arena and memory-pattern planning (a
+    ViT's buffers have the same shapes every call at a given batch size), intra-op threads =
+    physical cores, sequential execution (a ViT is one chain of ops: parallel execution buys
+    nothing)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.enable_cpu_mem_arena = True
+    opts.enable_mem_pattern = True
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
     return opts
 
@@ -69,13 +87,16 @@ class OnnxRuntime:
     ) -> None:
         self.backbone, self.cache_dir, self.int8 = backbone, Path(cache_dir), int8
         self.threads = threads
-        self.providers = [
-            p
-            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-            if p in ort.get_available_providers()
-            and (p != "CUDAExecutionProvider" or backbone.device.type == "cuda")
-        ]
-        self._sessions: dict[Key, ort.InferenceSession] = {}
+        self.cuda = (
+            backbone.device.type == "cuda"
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+            and not int8  # dynamic int8 quantization targets the CPU kernels
+        )
+        self.providers: list[Any] = ["CPUExecutionProvider"]
+        if self.cuda:
+            index = backbone.device.index or 0
+            self.providers = [("CUDAExecutionProvider", {"device_id": index}), *self.providers]
+        self._sessions: dict[Key | str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
         self.exports = 0
 
@@ -83,24 +104,33 @@ class OnnxRuntime:
         return {
             "runtime": self.name,
             "int8": self.int8,
-            "providers": self.providers,
+            "providers": [p if isinstance(p, str) else p[0] for p in self.providers],
+            "io_binding": self.cuda,
+            "threads": self.threads or physical_cores(),
             "graphs": len(self._sessions),
         }
 
     # --- graphs --------------------------------------------------------------------------------
-    def path(self, key: Key) -> Path:
-        depth, n, placement = key
+    def _path(self, tower: str, what: str) -> Path:
         versions = f"torch{torch.__version__}-onnx{onnx.__version__}-ort{ort.__version__}"
         fp = self.backbone.fingerprint.removeprefix("sha256:")[:16]
         kind = "int8" if self.int8 else "fp32"
-        return self.cache_dir / f"vision-{fp}-{depth}x{n}-{placement}-{kind}-{versions}.onnx"
+        return self.cache_dir / f"{tower}-{fp}-{what}-{FORM}-{kind}-{versions}.onnx"
 
-    def session(self, key: Key) -> ort.InferenceSession:
-        """The session of a signature: from the cache on disk, or exported now (once)."""
+    def path(self, key: Key) -> Path:
+        depth, n, placement = key
+        return self._path("vision", f"{depth}x{n}-{placement}")
+
+    def text_path(self) -> Path:
+        return self._path("text", "ids")
+
+    def session(self, key: Key | str) -> ort.InferenceSession:
+        """The session of a signature (or of the text tower, key "text"): from the cache on
+        disk, or exported now (once)."""
         with self._lock:
             sess = self._sessions.get(key)
             if sess is None:
-                path = self.path(key)
+                path = self.text_path() if key == "text" else self.path(key)  # type: ignore[arg-type]
                 if not path.exists():
                     self._export(key, path)
                 sess = ort.InferenceSession(
@@ -109,49 +139,49 @@ class OnnxRuntime:
                 self._sessions[key] = sess
             return sess
 
-    def _export(self, key: Key, path: Path) -> None:
-        depth, n, placement = key
-        bb = self.backbone
+    def _export(self, key: Key | str, path: Path) -> None:
         start = time.perf_counter()
-        module = _PromptedVision(bb.visual, placement, depth > 0).eval()  # type: ignore[arg-type]
-        size = bb.visual.image_size
-        hw = size if isinstance(size, tuple) else (size, size)
-        images = torch.randn(2, 3, *hw)
-        bias = torch.zeros(2, bb.vision_layers, bb.vision_width)
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        args: tuple[Tensor, ...] = (images, bias)
-        shapes: dict[str, Any] = {"images": {0: batch}, "bias": {0: batch}}
-        names = ["images", "bias"]
-        if depth:
-            args = (*args, torch.randn(2, depth, n, bb.vision_width) * 0.02)
-            shapes["tokens"] = {0: batch}
-            names.append("tokens")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fp32 = tmp.with_suffix(".fp32.tmp") if self.int8 else tmp
-        with torch.no_grad():
-            torch.onnx.export(
-                module,
-                args,
-                str(fp32),
-                input_names=names,
-                output_names=["features"],
-                dynamic_shapes=shapes,
-                dynamo=True,
-                optimize=True,
-                external_data=False,
-                verbose=False,
-            )
+        target = path.with_suffix(f".{os.getpid()}.fp32.onnx") if self.int8 else path
+        if isinstance(key, str):
+            export_text(self.backbone, target)
+        else:
+            depth, n, placement = key
+            export_vision(self.backbone, depth, n, placement, target)  # type: ignore[arg-type]
         if self.int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
-            fp32.unlink(missing_ok=True)
-        tmp.replace(path)  # atomic: a concurrent or crashed export never leaves a torn graph
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            quantize_dynamic(str(target), str(tmp), weight_type=QuantType.QInt8)
+            target.unlink(missing_ok=True)
+            tmp.replace(path)  # atomic, as the fp32 export is
         self.exports += 1
         log.info("exported %s in %.1f s", path.name, time.perf_counter() - start)
 
-    # --- the contract --------------------------------------------------------------------------
+    # --- running -------------------------------------------------------------------------------
+    def _run(self, sess: ort.InferenceSession, feed: dict[str, Tensor], out_dim: int) -> Tensor:
+        if not self.cuda:
+            arrays = {
+                k: (v if v.dtype == torch.int64 else v.float()).detach().cpu().contiguous().numpy()
+                for k, v in feed.items()
+            }
+            return torch.from_numpy(sess.run(["features"], arrays)[0])
+        # I/O binding: ORT reads torch's CUDA buffers and writes into one, no host copies.
+        device = self.backbone.device
+        binding = sess.io_binding()
+        keep = []
+        for name, value in feed.items():
+            t = value.detach().to(device).contiguous()
+            t = t if t.dtype == torch.int64 else t.float()
+            keep.append(t)
+            dtype = np.int64 if t.dtype == torch.int64 else np.float32
+            binding.bind_input(name, "cuda", device.index or 0, dtype, tuple(t.shape), t.data_ptr())
+        out = torch.empty(next(iter(feed.values())).shape[0], out_dim, device=device)
+        binding.bind_output(
+            "features", "cuda", device.index or 0, np.float32, tuple(out.shape), out.data_ptr()
+        )
+        sess.run_with_iobinding(binding)
+        return out
+
     def encode(
         self, images: Tensor, tokens: Tensor | None, bias: Tensor | None, placement: Placement
     ) -> Tensor:
@@ -160,13 +190,18 @@ class OnnxRuntime:
         key: Key = (
             (0, 0, "append") if tokens is None else (tokens.shape[-3], tokens.shape[-2], placement)
         )
-        full = torch.zeros(batch, bb.vision_layers, bb.vision_width)
+        full = torch.zeros(batch, bb.vision_layers, bb.vision_width, device=images.device)
         if bias is not None:
             b = bias if bias.dim() == 3 else bias.unsqueeze(0).expand(batch, -1, -1)
-            full[:, : b.shape[1]] = b.float().cpu()
-        feed = {"images": images.float().cpu().contiguous().numpy(), "bias": full.numpy()}
+            full[:, : b.shape[1]] = b.to(full)
+        feed = {"images": images, "bias": full}
         if tokens is not None:
-            t = tokens if tokens.dim() == 4 else tokens.unsqueeze(0).expand(batch, -1, -1, -1)
-            feed["tokens"] = t.float().cpu().contiguous().numpy()
-        out = self.session(key).run(["features"], feed)[0]
-        return torch.from_numpy(out)
+            feed["tokens"] = (
+                tokens if tokens.dim() == 4 else tokens.unsqueeze(0).expand(batch, -1, -1, -1)
+            )
+        return self._run(self.session(key), feed, bb.visual.output_dim)
+
+    def encode_text_ids(self, ids: Tensor) -> Tensor:
+        """Text features (unnormalized) of token ids through the exported text tower."""
+        ids = truncate_ids(self.backbone, ids.to(torch.int64))
+        return self._run(self.session("text"), {"ids": ids}, self.backbone.embed_dim)
