@@ -57,7 +57,7 @@ USER promptserve
 WORKDIR /home/promptserve
 EXPOSE 8000
 # Alive, not ready: the backbone may take minutes to load; readiness is /readyz (compose, k8s).
-HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PROMPTSERVE_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["promptserve"]
 CMD ["serve"]

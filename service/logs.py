@@ -26,7 +26,13 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# uvicorn's `color_message` is its message again with terminal colour codes: not for a log file.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
 access_log = logging.getLogger("promptserve.access")
 

@@ -66,8 +66,8 @@ def test_every_line_of_a_request_carries_the_id_the_client_gets(captured):
         (made_id, "/work", 200),
     ]
     assert all(r["duration_ms"] >= 0 and r["level"] == "info" for r in access)
-    logging.getLogger("outside").warning("no request here")
-    assert "request_id" not in lines(captured)[-1]
+    logging.getLogger("outside").warning("no request here", extra={"color_message": "\x1b[1m"})
+    assert "request_id" not in lines(captured)[-1] and "color_message" not in lines(captured)[-1]
 
 
 def test_a_bad_client_id_is_replaced_not_echoed(captured):

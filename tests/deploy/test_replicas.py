@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import threading
 import time
@@ -33,7 +34,14 @@ from tests.redis_server import RedisServer, _start_server
 
 ADMIN = {"Authorization": "Bearer admin-replicas"}
 READ = {"Authorization": "Bearer read-replicas"}
-KEYS = {"api_keys": "read-replicas", "admin_keys": "admin-replicas", "log_format": "json"}
+# TEST_DEVICE=cuda:0 runs every process on the GPU, as the compose stack and manifests do
+DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+KEYS = {
+    "api_keys": "read-replicas",
+    "admin_keys": "admin-replicas",
+    "log_format": "json",
+    "device": DEVICE,
+}
 IMAGE = base64.b64encode(png((200, 30, 30), seed=1)).decode()
 
 
@@ -98,6 +106,7 @@ def test_replicas_share_one_store(backbone, redis: RedisServer, tmp_path: Path) 
         b.wait_ready()
         fingerprints = {httpx.get(f"{s.url}/readyz").json()["fingerprint"] for s in (a, b)}
         assert fingerprints == {backbone.fingerprint}
+        assert {httpx.get(f"{s.url}/readyz").json()["device"] for s in (a, b)} == {DEVICE}
 
         # 1. uploaded through A, served by B within 1 s; then a new version swaps in on B
         up = upload(a.url, checkpoint(backbone, name="pets", seed=0, classnames=CLASSNAMES))
