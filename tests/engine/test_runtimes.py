@@ -112,3 +112,16 @@ def test_threads_default_to_physical_cores():
     assert 1 <= cores <= (os.cpu_count() or 1)
     assert session_options(None).intra_op_num_threads == cores
     assert session_options(3).intra_op_num_threads == 3
+
+
+def test_adhoc_zeroshot_classes_through_the_onnx_text_tower(backbone, classnames, onnx_cache):
+    from service.engine.zeroshot_cache import ZeroShotCache
+
+    rt = OnnxRuntime(backbone, onnx_cache)
+    templates = ["a photo of a {}.", "a sketch of the {}."]
+    ref = ZeroShotCache(backbone).plan(classnames, templates)
+    calls = backbone.text_calls
+    got = ZeroShotCache(backbone, text_encoder=rt.encode_text_ids).plan(classnames, templates)
+    assert backbone.text_calls == calls  # eager torch's text tower was not used
+    assert got.labels == ref.labels
+    assert (got.classes - ref.classes).abs().max() <= 1e-4
