@@ -112,8 +112,11 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             cache_dir=settings.onnx_cache_dir,
             threads=settings.onnx_threads,
             int8=settings.onnx_int8,
+            max_batch=settings.max_batch_size,
         )
         log.info("runtime %s: %s", runtime.name, reason)
+        # CUDA graphs are captured (ONNX graphs exported/loaded) here, before /readyz says ready.
+        await asyncio.to_thread(getattr(runtime, "warm_up", lambda: None))
         batcher = Batcher(
             functools.partial(encode, bb, runtime=runtime),
             max_batch_size=settings.max_batch_size,
@@ -127,7 +130,12 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             backbone=bb,
             residency=residency,
             batcher=batcher,
-            zeroshot=ZeroShotCache(bb, settings.zeroshot_cache_entries, settings.max_adhoc_classes),
+            zeroshot=ZeroShotCache(
+                bb,
+                settings.zeroshot_cache_entries,
+                settings.max_adhoc_classes,
+                text_encoder=getattr(runtime, "encode_text_ids", None),
+            ),
             limits=ImageLimits(
                 max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
             ),

@@ -333,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a non-loopback address without API keys",
     )
     s.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    s.add_argument("--runtime", choices=["auto", "torch", "onnx", "cudagraph"])
     s.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
     _backbone_flags(s)
     s.set_defaults(func=cmd_serve)

@@ -125,3 +125,17 @@ def test_adhoc_zeroshot_classes_through_the_onnx_text_tower(backbone, classnames
     assert backbone.text_calls == calls  # eager torch's text tower was not used
     assert got.labels == ref.labels
     assert (got.classes - ref.classes).abs().max() <= 1e-4
+
+
+def test_runtime_selection_and_reasons(backbone, tmp_path):
+    from service.engine.runtimes.select import CPU_AUTO_REASON, describe, select_runtime
+
+    rt, why = select_runtime("auto", backbone, cache_dir=str(tmp_path))
+    assert rt.name == "torch" and why == CPU_AUTO_REASON  # CPU: ONNX fp32 missed its target
+    rt, why = select_runtime("cudagraph", backbone, cache_dir=str(tmp_path))
+    assert rt.name == "torch" and "needs a CUDA device" in why
+    rt, why = select_runtime("onnx", backbone, cache_dir=str(tmp_path), int8=True)
+    assert rt.name == "onnx" and why.endswith("(int8)")
+    assert describe(rt, why)["runtime_reason"] == why
+    with pytest.raises(ValueError):
+        select_runtime("tensorrt", backbone, cache_dir=str(tmp_path))

@@ -157,6 +157,12 @@ class OnnxRuntime:
         self.exports += 1
         log.info("exported %s in %.1f s", path.name, time.perf_counter() - start)
 
+    def warm_up(self) -> None:
+        """Export (or load) the plain vision graph and the text graph before the service is
+        ready: an export takes seconds, which no request should wait for."""
+        self.session((0, 0, "append"))
+        self.session("text")
+
     # --- running -------------------------------------------------------------------------------
     def _run(self, sess: ort.InferenceSession, feed: dict[str, Tensor], out_dim: int) -> Tensor:
         if not self.cuda:
