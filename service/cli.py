@@ -291,6 +291,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             Image.fromarray(sample.images[i].numpy()).save(fname)
     settings = Settings(
         model="proving-clip",
+        model_config_path=str(pg.ARCH_PATH),  # the training child process registers it too
         pretrained=backbone.pretrained,
         store=store_url,
         runtime="torch",
@@ -306,6 +307,10 @@ promptserve demo on {base} (Ctrl-C to stop). Try:
   curl -F images=@{images}/noise-green-square.png -F checkpoint=noise-coop {base}/v1/classify
   curl -F images=@{images}/gray-red-circle.png -F 'classnames=["red circle","blue square"]' \\
        {base}/v1/classify
+  curl -H 'content-type: application/json' {base}/v1/jobs -d '{{"name": "my-gray", \
+       "method": "vpt", "dataset": {{"kind": "proving_ground", "domain": "gray"}}, \
+       "recipe": {{"epochs": 10, "optimizer": "adamw", "lr": 0.03, "warmup_epochs": 0}}}}'
+  curl {base}/v1/jobs/<id from the line above>      (then classify with checkpoint=my-gray)
   open {base}/docs
 """)
     uvicorn.run(
