@@ -123,3 +123,23 @@ def png(color: tuple[int, int, int], size: int = 40) -> bytes:
 
 def data_uri(color: tuple[int, int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(png(color)).decode()
+
+
+def m2pt_blob(llava: LlavaBackbone, name: str = "shapes", seed: int = 4, **cfg: object) -> bytes:
+    """An M²PT checkpoint with large random prompts (visibly changes the answers)."""
+    from service.checkpoints import BackboneRef, Manifest, dump
+    from service.generative.m2pt import M2PT
+
+    method = M2PT()
+    config = method.config(cfg)
+    params = {k: v * 50 for k, v in method.init(llava, config, seed=seed).items()}
+    manifest = Manifest(
+        name=name,
+        method="m2pt",
+        method_config=config.model_dump(),
+        backbone=BackboneRef(
+            model=llava.model_name, pretrained=llava.pretrained, fingerprint=llava.fingerprint
+        ),
+        classnames=[],
+    )
+    return dump(params, manifest)

@@ -1,0 +1,303 @@
+"""The generation engine: concurrent requests share prefill and decode (static batching).
+
+Requests wait in a bounded FIFO (full -> `Overloaded`, 429). One collector task takes the first
+waiting request, adds every waiting request whose plan has the same signature (same prompt
+shapes; different checkpoints may share a batch, their prompts are stacked per row) until the
+batch is full or `max_wait_ms` has passed, and hands the batch to ONE worker thread: one
+left-padded prefill, then decode steps from the KV cache until every row has stopped (EOS,
+its own `max_new_tokens`, its deadline, or its caller leaving). Tokens go back to each caller
+as they are made, so streaming costs nothing extra. Continuous batching (admitting requests
+into a running batch) is not done: a request arriving mid-batch waits for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from service.backbones.llava import LlavaBackbone
+from service.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded
+from service.generative.m2pt import GenPlan, batch_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a caller receives: new token ids, or the end (with why), or an error."""
+
+    tokens: tuple[int, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    ids: list[int]
+    pixels: Tensor | None  # [1, 3, H, W]
+    plan: GenPlan
+    sampling: Sampling
+    deadline: float | None
+    queue: asyncio.Queue[Event]
+    loop: asyncio.AbstractEventLoop
+    left: bool = False  # the caller stopped listening
+    generated: list[int] = field(default_factory=list)
+
+    def send(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # loop already closed: nobody listens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class GenerationEngine:
+    """Batches generation requests onto one LLaVA in one dedicated worker thread."""
+
+    def __init__(
+        self,
+        backbone: LlavaBackbone,
+        *,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        self.backbone = backbone
+        self._max_batch, self._max_queue = max_batch_size, max_queue
+        self._max_wait = max_wait_ms / 1000.0
+        self._on_batch = on_batch
+        self._queue: deque[_Request] = deque()
+        self._arrived = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches: list[int] = []  # sizes of recent batches (tests and benchmarks read it)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        if self._task is not None or self._closing:
+            raise RuntimeError("a GenerationEngine is started once")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptserve-gen")
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name="generation")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, finish what is queued within `timeout` s, then stop."""
+        self._closing = True
+        self._arrived.set()
+        task = self._task
+        if task is not None and not (await asyncio.wait({task}, timeout=timeout))[0]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while self._queue:
+            self._queue.popleft().send(Event(error=NotReady("shutting down")))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # --- callers ---------------------------------------------------------------------------------
+    async def stream(
+        self,
+        ids: list[int],
+        pixels: Tensor | None,
+        plan: GenPlan,
+        sampling: Sampling,
+        deadline: float | None = None,
+    ) -> AsyncIterator[Event]:
+        """Events for one request as they are made; the last has `finish_reason` or `error`.
+
+        Raises before the first event: `Overloaded` (queue full), `DeadlineExceeded`,
+        `NotReady`, `BadRequest` (prompt too long for the model).
+        """
+        if self._closing or self._task is None:
+            raise NotReady("shutting down" if self._closing else "generation engine not started")
+        n_text = 0 if plan.text is None else int(plan.text.shape[1])
+        total = n_text + len(ids) + sampling.max_new_tokens
+        if total > self.backbone.max_positions:
+            raise BadRequest(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) "
+                f"exceeds the model's {self.backbone.max_positions} positions"
+            )
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        if (depth := len(self._queue)) >= self._max_queue:
+            raise Overloaded(f"server overloaded: {depth} requests queued; retry with backoff")
+        loop = asyncio.get_running_loop()
+        request = _Request(ids, pixels, plan, sampling, deadline, asyncio.Queue(), loop)
+        self._queue.append(request)
+        self._arrived.set()
+        try:
+            while True:
+                timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+                try:
+                    event = await asyncio.wait_for(request.queue.get(), timeout)
+                except TimeoutError:
+                    raise DeadlineExceeded("deadline passed while generating") from None
+                if event.error is not None:
+                    raise event.error
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            request.left = True  # the worker stops computing this row
+            with contextlib.suppress(ValueError):
+                self._queue.remove(request)
+
+    async def complete(
+        self,
+        ids: list[int],
+        pixels: Tensor | None,
+        plan: GenPlan,
+        sampling: Sampling,
+        deadline: float | None = None,
+    ) -> tuple[list[int], str]:
+        """All generated tokens (without the stop token) and the finish reason."""
+        tokens: list[int] = []
+        reason = "length"
+        async for event in self.stream(ids, pixels, plan, sampling, deadline):
+            tokens.extend(event.tokens)
+            reason = event.finish_reason or reason
+        return tokens, reason
+
+    # --- the collector (event loop) ---------------------------------------------------------
+    async def _collect(self) -> None:
+        while (batch := await self._gather()) is not None:
+            if not batch:
+                continue
+            self.batches.append(len(batch))
+            del self.batches[:-1000]
+            if self._on_batch is not None:
+                with contextlib.suppress(Exception):
+                    self._on_batch(len(batch))
+            assert self._executor is not None
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._generate, batch
+                )
+            except Exception as exc:  # the executor itself failed; _generate reports its own
+                for r in batch:
+                    r.send(Event(error=exc))
+
+    async def _gather(self) -> list[_Request] | None:
+        first = await self._take_first()
+        if first is None:
+            return None
+        batch, signature = [first], first.plan.signature
+        window_end = time.monotonic() + self._max_wait
+        while len(batch) < self._max_batch:
+            # Take every waiting request that can share this batch, skipping the others.
+            for r in [r for r in self._queue if r.plan.signature == signature]:
+                if len(batch) >= self._max_batch:
+                    break
+                self._queue.remove(r)
+                if _alive(r):
+                    batch.append(r)
+            remaining = window_end - time.monotonic()
+            if len(batch) >= self._max_batch or remaining <= 0 or self._closing:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        return [r for r in batch if _alive(r)]
+
+    async def _take_first(self) -> _Request | None:
+        while True:
+            while self._queue:
+                request = self._queue.popleft()
+                if _alive(request):
+                    return request
+            if self._closing:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    # --- the worker thread -------------------------------------------------------------------
+    def _generate(self, batch: list[_Request]) -> None:
+        try:
+            with torch.inference_mode():
+                self._run(batch)
+        except Exception as exc:  # the whole batch shares a model failure, as is
+            log.exception("generation batch of %d failed", len(batch))
+            for r in batch:
+                r.send(Event(error=exc))
+
+    def _run(self, batch: list[_Request]) -> None:
+        bb = self.backbone
+        prompts = batch_prompts([r.plan for r in batch], bb.dtype)
+        with_image = [r.pixels for r in batch if r.pixels is not None]
+        pixels = torch.cat(with_image).to(bb.device, bb.dtype) if with_image else None
+        logits, state = bb.forward([r.ids for r in batch], pixels, prompts, use_cache=True)
+        assert state is not None
+        gens = [_generator(r.sampling.seed) for r in batch]
+        active = [True] * len(batch)
+        while True:
+            nxt = [_sample(logits[i], r.sampling, gens[i]) for i, r in enumerate(batch)]
+            now = time.monotonic()
+            for i, r in enumerate(batch):
+                if not active[i]:
+                    continue
+                if r.left:
+                    active[i] = False
+                elif r.deadline is not None and now >= r.deadline:
+                    active[i] = False
+                    r.send(Event(error=DeadlineExceeded("deadline passed while generating")))
+                elif nxt[i] in bb.eos_ids:
+                    active[i] = False
+                    r.send(Event(finish_reason="stop"))
+                else:
+                    r.generated.append(nxt[i])
+                    done = len(r.generated) >= r.sampling.max_new_tokens
+                    active[i] = not done
+                    r.send(Event((nxt[i],), "length" if done else None))
+            if not any(active):
+                return
+            logits = bb.decode(state, torch.tensor(nxt, dtype=torch.long))
+
+
+def _alive(request: _Request) -> bool:
+    if request.left:
+        return False
+    if request.deadline is not None and time.monotonic() >= request.deadline:
+        request.send(Event(error=DeadlineExceeded("deadline passed while the request waited")))
+        return False
+    return True
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _sample(logits: Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
+    """Greedy at temperature 0; otherwise nucleus sampling (on the CPU: seeded generators)."""
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # always keeps the first
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,0 +1,147 @@
+"""Requests -> generation: resolve the checkpoint, decode the image, build the prompt, detokenize.
+
+What the `/v1/answer` and `/v1/chat/completions` routes share. Images come inline only (base64
+or `data:` URIs, through the same bounded decoder as classification); a remote URL is refused
+before anything else happens, never fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from service import errors
+from service.backbones.llava import LlavaBackbone
+from service.engine.residency import Residency
+from service.generative.engine import Event, GenerationEngine, Sampling
+from service.generative.m2pt import PLAIN_GEN_PLAN, GenPlan
+from service.images import ImageLimits, decode_base64, open_image
+
+PLAIN_MODELS = ("plain", "none", "")
+
+
+@dataclass
+class Prepared:
+    """One request ready for the engine."""
+
+    ids: list[int]
+    pixels: Tensor | None
+    plan: GenPlan
+    checkpoint: str | None
+    version: int | None
+
+
+class Detokenizer:
+    """Token ids -> text deltas whose concatenation is exactly the decode of all the ids.
+
+    A delta is held back while the text so far ends in an incomplete UTF-8 sequence (byte-level
+    tokenizers split characters across tokens), and released at `flush`.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.sent = tokenizer, ""
+        self.ids: list[int] = []
+
+    def text(self) -> str:
+        return str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def push(self, ids: tuple[int, ...] | list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.text()
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def flush(self) -> str:
+        text = self.text()
+        if not text.startswith(self.sent):  # cannot happen with byte-level BPE; never lose text
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+
+@dataclass
+class Generation:
+    """The serving pipeline for LLaVA, shared by the answer and chat routes."""
+
+    backbone: LlavaBackbone
+    residency: Residency
+    engine: GenerationEngine
+    limits: ImageLimits
+    timeout_s: float
+    max_new_tokens: int
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.timeout_s
+
+    def sampling(
+        self, max_new_tokens: int | None, temperature: float, top_p: float, seed: int | None
+    ) -> Sampling:
+        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not 1 <= n <= self.max_new_tokens:
+            raise errors.BadRequest(f"max_new_tokens must be within 1..{self.max_new_tokens}")
+        if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
+            raise errors.BadRequest("temperature must be within 0..2 and top_p within (0, 1]")
+        return Sampling(n, temperature, top_p, seed)
+
+    async def plan(self, ref: str | None) -> tuple[GenPlan, str | None, int | None]:
+        if ref is None or ref in PLAIN_MODELS or ref == self.backbone.model_name:
+            return PLAIN_GEN_PLAN, None, None
+        resident = await asyncio.to_thread(self.residency.resolve, ref)
+        plan: Any = resident.plan
+        if not isinstance(plan, GenPlan):
+            raise errors.InvalidContent(f"checkpoint {ref!r} is not a generative (m2pt) one")
+        return plan, resident.name, resident.version
+
+    def image(self, item: str) -> Tensor:
+        """A base64 string or `data:` URI -> pixel values `[1, 3, H, W]` (worker thread)."""
+        if item[:8].lower().startswith(("http://", "https://", "file:", "ftp:")):
+            raise errors.BadRequest(
+                "remote image URLs are not fetched; send the image inline as a data: URI "
+                "(data:image/png;base64,...)"
+            )
+        image = open_image(decode_base64(item, self.limits), self.limits)
+        return self.backbone.pixel_values([image]).cpu()
+
+    async def prepare(
+        self, ref: str | None, messages: list[dict[str, Any]], images: list[str]
+    ) -> Prepared:
+        """Resolve, decode and tokenize one request (at most one image: LLaVA-1.5's format)."""
+        if len(images) > 1:
+            raise errors.TooManyImages(f"{len(images)} images; this model takes at most 1")
+        pixels = await asyncio.to_thread(self.image, images[0]) if images else None
+        plan, name, version = await self.plan(ref)
+        try:
+            ids = self.backbone.encode_chat(messages, len(images))
+        except errors.PromptServeError:
+            raise
+        except Exception as exc:  # a chat template refusing the roles' order, for one
+            raise errors.BadRequest(f"cannot format the conversation: {exc}") from exc
+        return Prepared(ids, pixels, plan, name, version)
+
+    async def events(self, prep: Prepared, sampling: Sampling) -> AsyncIterator[Event]:
+        async for event in self.engine.stream(
+            prep.ids, prep.pixels, prep.plan, sampling, self.deadline()
+        ):
+            yield event
+
+    async def complete(self, prep: Prepared, sampling: Sampling) -> tuple[str, str, int]:
+        """Answer text, finish reason and completion tokens."""
+        tokens, reason = await self.engine.complete(
+            prep.ids, prep.pixels, prep.plan, sampling, self.deadline()
+        )
+        detok = Detokenizer(self.backbone.tokenizer)
+        detok.push(tokens)
+        return detok.text(), reason, len(tokens)
+
+
+def user_message(instruction: str, with_image: bool) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": instruction})
+    return [{"role": "user", "content": content}]
