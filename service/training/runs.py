@@ -48,7 +48,7 @@ class DatasetSpec(BaseModel):
     the request body limit), so a worker on any machine can train on them."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["image_folder", "coop_split", "proving_ground", "upload"]
+    kind: Literal["image_folder", "coop_split", "proving_ground", "upload", "llava_json"]
     root: str | None = None
     split_file: str | None = None
     domain: str | None = Field(default=None, description="proving-ground domain")
@@ -156,6 +156,8 @@ def run(
     should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Train, evaluate and publish one checkpoint; raises (publishing nothing) on failure."""
+    if spec.method == "m2pt":  # instruction tuning on LLaVA: its own data, loss and trainer
+        return _run_m2pt(spec, backbone, store, progress, should_stop)
     recipe = RECIPES[spec.method].with_overrides(spec.recipe)
     data = load_data(spec, backbone, recipe.batch_size)
     result = train(
@@ -222,3 +224,19 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
         elif not isinstance(value, dict):
             out[key] = value
     return out
+
+
+def _run_m2pt(
+    spec: TrainSpec,
+    backbone: Any,
+    store: ps.PromptStore,
+    progress: Progress | None,
+    should_stop: Callable[[], bool] | None,
+) -> RunResult:
+    from service.generative.training import M2PT_RECIPE, run_m2pt
+
+    published, metrics, params, history = run_m2pt(
+        spec, backbone, store, progress=progress, should_stop=should_stop
+    )
+    result = TrainResult("m2pt", spec.method_config, M2PT_RECIPE, params, history)
+    return RunResult(published, metrics, result, None)

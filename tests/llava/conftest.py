@@ -54,7 +54,7 @@ def tiny_processor() -> object:
     )
 
 
-def tiny_model(processor: object, seed: int = 0) -> object:
+def tiny_model(processor: object, seed: int = 0, init_range: float = 0.02) -> object:
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -80,6 +80,7 @@ def tiny_model(processor: object, seed: int = 0) -> object:
         num_key_value_heads=2,
         vocab_size=vocab,
         max_position_embeddings=512,
+        initializer_range=init_range,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -95,9 +96,10 @@ def tiny_model(processor: object, seed: int = 0) -> object:
     return LlavaForConditionalGeneration(config).eval()
 
 
-def make_backbone(seed: int = 0) -> LlavaBackbone:
+def make_backbone(seed: int = 0, init_range: float = 0.02) -> LlavaBackbone:
     processor = tiny_processor()
-    return LlavaBackbone(tiny_model(processor, seed), processor, "tiny-llava", "none")
+    model = tiny_model(processor, seed, init_range)
+    return LlavaBackbone(model, processor, "tiny-llava", "none")
 
 
 @pytest.fixture(scope="session")

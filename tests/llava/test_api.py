@@ -16,7 +16,7 @@ from service.app import create_app
 from service.backbones.llava import LlavaBackbone
 from service.engine.publish import publish
 from service.generative.engine import GenerationEngine, Sampling
-from service.generative.m2pt import PLAIN_GEN_PLAN, M2PT
+from service.generative.m2pt import M2PT, PLAIN_GEN_PLAN
 from service.generative.service import user_message
 from service.settings import Settings
 from tests.llava.conftest import data_uri, m2pt_blob
