@@ -14,6 +14,7 @@ from service.settings import Settings
 
 
 def _backbone_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", choices=["clip", "llava"], help="clip (default) or llava")
     p.add_argument("--model", help="open_clip architecture (default ViT-B-32)")
     p.add_argument("--pretrained", help="openai | other open_clip tag | PATH | none")
     p.add_argument("--model-config", dest="model_config_path", help="ARCH.json custom model")
