@@ -56,7 +56,9 @@ async def main(tokens: int, repeats: int) -> None:
     plain = {n: t for lbl, n, t in rows if lbl == "plain"}
     for lbl, n, t in rows:
         if lbl != "plain":
-            print(f"M²PT overhead at {n} concurrent: {plain[n] / t:.2f}x the plain model's time/token")
+            print(
+                f"M²PT overhead at {n} concurrent: {plain[n] / t:.2f}x the plain model's time/token"
+            )
 
 
 if __name__ == "__main__":
