@@ -87,8 +87,12 @@ def fused_visual(visual: Any) -> Any:
     blocks = visual.transformer.resblocks
     if not getattr(visual.transformer, "batch_first", False) or not all(fusable(b) for b in blocks):
         return visual
+    # copy.copy shares a module's `_modules` dict: give each copy its own, or the assignments
+    # below would rewire the served backbone itself (and change its fingerprint).
     out = copy.copy(visual)
+    out._modules = dict(visual._modules)
     transformer = copy.copy(visual.transformer)
+    transformer._modules = dict(visual.transformer._modules)
     transformer.resblocks = nn.ModuleList(FusableBlock(b) for b in blocks)
     out.transformer = transformer
     return out
