@@ -37,7 +37,7 @@ from rq.utils import now
 
 import prompts_store as ps
 from service import errors
-from service.backbones.clip import ClipBackbone, load_clip
+from service.backbones.clip import load_clip
 from service.prompts import get_method
 from service.settings import Settings
 from service.training.datasets import load_data, uploaded
@@ -195,6 +195,18 @@ class JobQueue:
 
 def check_spec(spec: TrainSpec) -> None:
     """What can be refused before a job is queued: method, config, recipe, uploaded images."""
+    if spec.method == "m2pt":  # instruction tuning on LLaVA: its own recipe and data
+        from service.generative.m2pt import M2PT
+        from service.generative.training import M2PT_RECIPE
+
+        M2PT().config(spec.method_config)  # InvalidConfig (422)
+        try:
+            M2PT_RECIPE.with_overrides(spec.recipe)
+        except (ValueError, TypeError) as exc:
+            raise errors.InvalidContent(f"recipe: {exc}") from exc
+        if spec.dataset.kind != "llava_json" or not spec.dataset.split_file:
+            raise errors.InvalidContent("m2pt needs dataset kind 'llava_json' with split_file")
+        return
     method = get_method(spec.method)  # UnknownMethod (422)
     if spec.method not in RECIPES:
         raise errors.InvalidContent(f"method {spec.method!r} has nothing to train")
@@ -246,7 +258,7 @@ def settle_cancelled(job: Job) -> None:
 class JobContext:
     """What a run needs besides its spec; built once per worker process."""
 
-    backbone: ClipBackbone
+    backbone: Any  # a ClipBackbone, or a LlavaBackbone for M²PT jobs
     store: ps.PromptStore
     load_data: DataLoaderFn
     out_dir: Path | None = None
@@ -280,10 +292,18 @@ def context_from_settings(
     """Backbone and store from settings (default: PROMPTSERVE_* variables), real datasets;
     `out_dir` keeps each run's curves and run.json."""
     s = settings or Settings()
-    backbone = load_clip(
-        s.model, s.pretrained, model_config=s.model_config_path, device=s.device,
-        precision=s.precision, cache_dir=s.cache_dir,
-    )  # fmt: skip
+    backbone: Any
+    if s.backbone == "llava":  # a worker for M²PT jobs
+        from service.backbones.llava import load_llava
+
+        backbone = load_llava(
+            s.model, s.pretrained, device=s.device, precision=s.precision, cache_dir=s.cache_dir
+        )
+    else:
+        backbone = load_clip(
+            s.model, s.pretrained, model_config=s.model_config_path, device=s.device,
+            precision=s.precision, cache_dir=s.cache_dir,
+        )  # fmt: skip
     return JobContext(backbone, ps.open_store(s.store), load_data, out_dir)
 
 
