@@ -40,7 +40,10 @@ class Services:
         return self.inference
 
 
-def get_services(request: Request) -> Services:
+# The dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in the
+# thread pool, where image decoding also runs, so under a crowd even the 429 (decided after
+# auth) waited seconds for a free thread. None of them blocks.
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -64,14 +67,14 @@ def _role(settings: Settings, creds: HTTPAuthorizationCredentials | None) -> Rol
     raise errors.Unauthorized("unknown API key")
 
 
-def require_read(
+async def require_read(
     services: ServicesDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Role:
     return _role(services.settings, creds)
 
 
-def require_admin(
+async def require_admin(
     services: ServicesDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Role:
