@@ -76,6 +76,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     from service.importers.dassl import import_dassl
 
     settings = settings_from(args)
+    if args.method == "m2pt":
+        return _import_m2pt(args, settings)
+    if not args.classnames:
+        print("error (bad_request): --classnames FILE is required for this method", file=sys.stderr)
+        return 2
     classnames = [
         line.strip() for line in Path(args.classnames).read_text().splitlines() if line.strip()
     ]
@@ -94,6 +99,28 @@ def cmd_import(args: argparse.Namespace) -> int:
     tmp.replace(out)
     m = ckpt.manifest
     print(f"wrote {out}: {m.method} checkpoint {m.name!r}, {len(m.classnames)} classes")
+    return 0
+
+
+def _import_m2pt(args: argparse.Namespace, settings: Settings) -> int:
+    """M²PT (William-wAng618/M2PT output directory or weights file) onto a LLaVA backbone."""
+    from service.importers.m2pt import import_m2pt
+
+    if settings.backbone != "llava":
+        settings = settings.model_copy(update={"backbone": "llava"})
+    ckpt, data = import_m2pt(
+        args.src, name=args.name, backbone=load_backbone(settings), projector=args.projector
+    )
+    out = Path(args.out or f"{args.name}.safetensors")
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    cfg = ckpt.manifest.method_config
+    projector = "trained" if cfg["train_projector"] else "frozen"
+    print(
+        f"wrote {out}: m2pt checkpoint {ckpt.manifest.name!r}, {cfg['n_visual']} visual and "
+        f"{cfg['n_text']} textual prompt tokens, projector {projector}"
+    )
     return 0
 
 
@@ -389,11 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--store")
     _backbone_flags(e)
     e.set_defaults(func=cmd_eval)
-    p = sub.add_parser("import", help="convert a reference (Dassl .pth) checkpoint")
-    p.add_argument("src", help="model.pth.tar-N of CoOp/CoCoOp/MaPLe/VPT/IVLP/PromptSRC")
-    p.add_argument("--method", choices=["coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc"])
+    p = sub.add_parser("import", help="convert a reference (Dassl .pth, M²PT) checkpoint")
+    p.add_argument(
+        "src",
+        help="model.pth.tar-N of CoOp/CoCoOp/MaPLe/VPT/IVLP/PromptSRC, or M2PT's output dir/file",
+    )
+    p.add_argument(
+        "--method", choices=["coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc", "m2pt"]
+    )
     p.add_argument("--name", required=True)
-    p.add_argument("--classnames", required=True, help="text file, one class name per line")
+    p.add_argument("--classnames", help="text file, one class name per line (not for m2pt)")
+    p.add_argument(
+        "--projector",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="m2pt: keep the trained projector (auto: when it differs from the backbone's)",
+    )
     p.add_argument(
         "--ctx-init",
         default=None,
