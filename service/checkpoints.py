@@ -28,6 +28,7 @@ from service.errors import (
     DtypeMismatch,
     ExtraTensor,
     InvalidClassnames,
+    InvalidConfig,
     MalformedCheckpoint,
     MissingTensor,
     NonFiniteTensor,
@@ -199,6 +200,12 @@ def validate(ckpt: Checkpoint, backbone: ClipBackbone) -> Any:
     m = ckpt.manifest
     method = get_method(m.method)
     cfg = method.config(m.method_config)
+    if m.method not in GENERATIVE_METHODS and getattr(backbone, "kind", None) == "llava":
+        # a classification method's shapes read CLIP towers: say so before they are asked for
+        raise InvalidConfig(
+            f"{m.method} checkpoints classify with a CLIP backbone; this is a LLaVA backbone, "
+            "which serves m2pt checkpoints"
+        )
     if m.backbone.fingerprint != backbone.fingerprint:
         raise BackboneMismatch(
             f"checkpoint {m.name!r} was trained on backbone {m.backbone.model} "

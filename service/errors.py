@@ -33,6 +33,12 @@ class NotFound(PromptServeError):
     code = "not_found"
 
 
+class WrongBackbone(NotFound):
+    """The route needs the other kind of backbone (classification: CLIP; answering: LLaVA)."""
+
+    code = "wrong_backbone"
+
+
 class Conflict(PromptServeError):
     code = "conflict"
 

@@ -25,14 +25,20 @@ from service.schemas import ErrorResponse
 
 router = APIRouter(tags=["generation"])
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)
 }
 MAX_TEXT = 32_000
 
 
 def generation(request: Request) -> Generation:
     gen: Generation | None = getattr(request.app.state, "generation", None)
-    if gen is None or not request.app.state.services.ready:
+    services = request.app.state.services
+    if gen is None and services.ready:  # a CLIP server: say so, not "starting"
+        raise errors.WrongBackbone(
+            "this service serves a CLIP backbone (classification); instruction answering "
+            "needs a LLaVA backbone (--backbone llava). Classify with POST /v1/classify"
+        )
+    if gen is None or not services.ready:
         raise errors.NotReady(
             "no LLaVA backbone is being served here (start with --backbone llava) or it is "
             "still starting"

@@ -27,8 +27,7 @@ router = APIRouter(tags=["checkpoints"])
 
 
 def _store(services: Services) -> Any:
-    services.require()
-    return services.store
+    return services.require_store()  # CLIP or LLaVA: checkpoints validate against either
 
 
 async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -87,7 +86,7 @@ async def upload(request: Request, services: ServicesDep, _: AdminAuth) -> dict[
     published = await asyncio.to_thread(
         publish,
         store,
-        services.backbone,
+        services.backbone,  # type: ignore[arg-type]  # validation accepts a LLaVA backbone too
         data,
         activate=activate,
         max_bytes=services.settings.max_checkpoint_bytes,

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 import prompts_store as ps
 from service import errors
 from service.backbones.clip import ClipBackbone
+from service.backbones.llava import LlavaBackbone
 from service.engine.inference import Inference
 from service.engine.residency import Residency
 from service.metrics import Metrics
@@ -26,7 +27,7 @@ class Services:
 
     settings: Settings
     metrics: Metrics
-    backbone: ClipBackbone | None = None
+    backbone: ClipBackbone | LlavaBackbone | None = None
     store: ps.PromptStore | None = None
     residency: Residency | None = None
     inference: Inference | None = None
@@ -35,9 +36,22 @@ class Services:
     status: dict[str, str] = field(default_factory=dict)
 
     def require(self) -> Inference:
+        """The classification pipeline (CLIP); a LLaVA server says so instead of "starting"."""
+        if self.ready and self.inference is None and isinstance(self.backbone, LlavaBackbone):
+            raise errors.WrongBackbone(
+                f"this service serves a LLaVA backbone ({self.backbone.model_name}); "
+                "classification and embeddings need a CLIP backbone (--backbone clip). "
+                "Ask it with POST /v1/answer or /v1/chat/completions"
+            )
         if not self.ready or self.inference is None:
             raise errors.NotReady("the service is starting or stopping; retry shortly")
         return self.inference
+
+    def require_store(self) -> ps.PromptStore:
+        """The checkpoint store, on either backbone (uploads validate against the one loaded)."""
+        if not self.ready or self.store is None or self.backbone is None:
+            raise errors.NotReady("the service is starting or stopping; retry shortly")
+        return self.store
 
 
 # The dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in the

@@ -58,7 +58,8 @@ async def llava_lifespan(app: Any, services: Services, bb: LlavaBackbone) -> Asy
         timeout_s=settings.request_timeout_s,
         max_new_tokens=settings.max_new_tokens,
     )
-    services.store, services.residency = store, residency
+    # the backbone checkpoint uploads validate against (m2pt shapes, fingerprint)
+    services.backbone, services.store, services.residency = bb, store, residency
     # one token through the whole path, so the first request does not pay for allocation
     ids = bb.encode_chat(user_message("warm up", False), 0)
     await engine.complete(ids, None, PLAIN_GEN_PLAN, Sampling(max_new_tokens=1))
