@@ -48,6 +48,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PROMPTSERVE_DEVICE=cuda \
     PROMPTSERVE_STORE=file:///data/store \
     PROMPTSERVE_ONNX_CACHE_DIR=/data/onnx \
+    PROMPTSERVE_RUNS_DIR=/data/runs \
     PROMPTSERVE_CACHE_DIR=/cache/open_clip \
     PROMPTSERVE_LOG_FORMAT=json
 # /weights: backbone weights, mounted read-only (PROMPTSERVE_PRETRAINED=/weights/FILE);

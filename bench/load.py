@@ -151,6 +151,10 @@ def start_server(
            "--store", f"file://{tmp / 'store'}", "--port", str(port),
            "--max-batch-size", str(args.max_batch_size)]  # fmt: skip
     cmd += ["--model-config", str(TINY)] if args.model == "tiny" else ["--model", args.model]
+    if args.server_cpus:  # the server on these cores, this load generator on the others
+        cpus = {int(c) for c in args.server_cpus.split(",")}
+        cmd = ["taskset", "-c", args.server_cpus, *cmd]
+        os.sched_setaffinity(0, (os.sched_getaffinity(0) - cpus) or cpus)
     log = (tmp / "server.log").open("w")
     server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -176,6 +180,9 @@ def main() -> int:
     p.add_argument("--max-queue", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--timeout", type=float, default=10.0, help="the server's request deadline")
+    p.add_argument(
+        "--server-cpus", default="", help="e.g. 0: pin the server there, the clients elsewhere"
+    )
     args = p.parse_args()
     bb = backbone("", str(TINY)) if args.model == "tiny" else backbone(args.model)
     tmp = Path(tempfile.mkdtemp())
