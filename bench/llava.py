@@ -37,12 +37,12 @@ async def main(tokens: int, repeats: int) -> None:
     cfg = m.config({})
     prompted: GenPlan = m.materialize(m.init(bb, cfg, seed=1), bb, cfg)
     pixels = bb.pixel_values([Image.new("RGB", (40, 40), (200, 30, 30))]).cpu()
-    ids = bb.encode_chat(user_message("what is in the image?", True), 1)
     engine = GenerationEngine(bb, max_batch_size=8, max_wait_ms=20)
     await engine.start()
     rows = []
     for label, plan in (("plain", PLAIN_GEN_PLAN), ("m2pt 10+10", prompted)):
         for n in (1, 8):
+            ids = bb.encode_chat(user_message("what is in the image?", True), 1, plan.n_visual)
             reqs = [(ids, pixels, plan)] * n
             await throughput(engine, reqs, 4)  # warm-up
             best = max([await throughput(engine, reqs, tokens) for _ in range(repeats)])

@@ -9,8 +9,14 @@ The prompted forward (M²PT, arXiv 2409.15657) is written here rather than patch
 transformers' modules, so one frozen model serves prompted and plain requests side by side:
 
 * vision: deep prompts are prepended before the class token after the pre-layernorm and
-  overwritten at the input of every prompted layer; they are stripped before the feature layer's
-  output goes through the projector, so the language model sees exactly as many image tokens.
+  overwritten at the input of every prompted layer, as in the paper's code (William-wAng618/M2PT,
+  `modeling_clipPT.py`). That code then applies LLaVA's feature selection to the *prompted*
+  sequence: the selected hidden state (`vision_feature_layer`, -2) is the input of the layer
+  after the last one run, so its first `nv` rows hold that layer's prompt (written in place
+  before the state is recorded), and 'default' ('patch') drops only row 0. The language model
+  therefore sees `nv - 1` raw prompt vectors, the class token and the patches: patches + nv
+  image positions per image (586 for ViT-L/14-336 and 10 prompts), and every `<image>` expands
+  to `image_tokens(nv)` placeholders. We reproduce that layout exactly.
 * language: deep prompts occupy the first `n` positions of the sequence; a pre-hook on every
   decoder layer overwrites them during prefill (the kwarg `m2pt_text` travels through the model's
   `**kwargs`, so there is no shared mutable state between threads). Decode steps pass nothing:
@@ -60,6 +66,10 @@ class Prompts:
     @property
     def n_text(self) -> int:
         return 0 if self.text is None else int(self.text.shape[2])
+
+    @property
+    def n_visual(self) -> int:
+        return 0 if self.vision is None else int(self.vision.shape[2])
 
 
 NO_PROMPTS = Prompts()
@@ -124,8 +134,9 @@ class LlavaBackbone:
             )
         self.lm: Any = model.model.language_model
         self.projector: nn.Module = model.model.multi_modal_projector
-        n_layers = len(self.tower.encoder.layers)
-        self.feature_layers = cfg.vision_feature_layer % (n_layers + 1)  # layers actually run
+        self.n_vision_layers = len(self.tower.encoder.layers)
+        # index into the tower's hidden states (embeddings, then each layer's output) = layers run
+        self.feature_layers = cfg.vision_feature_layer % (self.n_vision_layers + 1)
         self.strategy = cfg.vision_feature_select_strategy
         self.image_token_id = int(cfg.image_token_id)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
@@ -141,8 +152,10 @@ class LlavaBackbone:
 
     @property
     def vision_layers(self) -> int:
-        """Vision layers whose output reaches the projector (prompts deeper would be unused)."""
-        return int(self.feature_layers)
+        """Visual prompt depth that reaches the projector: one set per layer run, plus the set
+        written into the selected state itself (its rows 1..nv-1 are projected as they are),
+        unless that state is the last layer's output. Deeper prompts would be unused."""
+        return min(int(self.feature_layers) + 1, self.n_vision_layers)
 
     @property
     def text_width(self) -> int:
@@ -165,27 +178,34 @@ class LlavaBackbone:
         out = self.processor.image_processor(list(images), return_tensors="pt")
         return out["pixel_values"].to(self.device, self.dtype)
 
-    def encode_chat(self, messages: list[dict[str, Any]], n_images: int) -> list[int]:
-        """Token ids of a conversation ending with the assistant's turn; image tokens expanded."""
+    def encode_chat(
+        self, messages: list[dict[str, Any]], n_images: int, n_visual: int = 0
+    ) -> list[int]:
+        """Token ids of a conversation ending with the assistant's turn; image tokens expanded
+        to `image_tokens(n_visual)` each (`n_visual`: the plan's visual prompts per layer)."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.encode_text(text, n_images)
+        return self.encode_text(text, n_images, n_visual)
 
-    def encode_text(self, text: str, n_images: int) -> list[int]:
+    def encode_text(self, text: str, n_images: int, n_visual: int = 0) -> list[int]:
         """Token ids of text holding `n_images` `<image>` markers, each expanded to its features."""
         image_token = getattr(self.processor, "image_token", "<image>")
         if text.count(image_token) != n_images:
             raise BadRequest(f"{text.count(image_token)} image markers for {n_images} images")
-        n = self.image_seq_length
-        expanded = text.replace(image_token, image_token * n)
+        expanded = text.replace(image_token, image_token * self.image_tokens(n_visual))
         ids: list[int] = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
         return ids
 
-    @property
-    def image_seq_length(self) -> int:
-        """Image tokens per image: patches, plus the class token for the 'full' strategy."""
+    def image_tokens(self, n_visual: int = 0) -> int:
+        """Image positions per image the language model sees: the selected vision state
+        (`n_visual` prompts, class token, patches) less row 0 under the 'default' strategy."""
         vc = self.model.config.vision_config
         patches = (vc.image_size // vc.patch_size) ** 2
-        return int(patches + (0 if self.strategy == "default" else 1))
+        return int(n_visual + 1 + patches - (1 if self.strategy == "default" else 0))
+
+    @property
+    def image_seq_length(self) -> int:
+        """Image tokens per image without visual prompts (transformers' own expansion)."""
+        return self.image_tokens(0)
 
     # --- the prompted forward ------------------------------------------------------------------
     def image_features(
@@ -194,17 +214,21 @@ class LlavaBackbone:
         vision: Tensor | None = None,
         projector: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """`[N, image_seq_length, text_width]`: deep-prompted vision tower, then the projector."""
+        """`[N, image_tokens(nv), text_width]`: deep-prompted vision tower, then the projector.
+
+        State i (the input of layer i, i <= the selected one) gets its prompt rows written
+        before it is used or selected; the selected state is the last layer's output only when
+        `vision_feature_layer` is -1, and that one is never overwritten.
+        """
         hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values.to(self.dtype)))
-        n = 0
-        if vision is not None:
-            n = int(vision.shape[2])
-            hidden = torch.cat([vision[:, 0].to(hidden.dtype), hidden], dim=1)
-        for i, layer in enumerate(self.tower.encoder.layers[: self.feature_layers]):
-            if vision is not None and 0 < i < vision.shape[1]:
-                hidden = torch.cat([vision[:, i].to(hidden.dtype), hidden[:, n:]], dim=1)
-            hidden = layer(hidden, None)
-        feats = hidden[:, n + 1 :] if self.strategy == "default" else hidden[:, n:]
+        depth, n = (0, 0) if vision is None else (int(vision.shape[1]), int(vision.shape[2]))
+        for i in range(self.feature_layers + 1):
+            if i < depth:
+                rest = hidden if i == 0 else hidden[:, n:]
+                hidden = torch.cat([vision[:, i].to(hidden.dtype), rest], dim=1)  # type: ignore[index]
+            if i < self.feature_layers:
+                hidden = self.tower.encoder.layers[i](hidden, None)
+        feats = hidden[:, 1:] if self.strategy == "default" else hidden
         if projector is None:
             return self.projector(feats)
         return torch.func.functional_call(self.projector, dict(projector), (feats,))
@@ -240,7 +264,7 @@ class LlavaBackbone:
         if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
             raise BadRequest(
                 f"{int(slots.sum())} image tokens in the text for {feats.shape[0]} image(s) of "
-                f"{feats.shape[1]} features each"
+                f"{feats.shape[1]} features each (encode with the plan's n_visual)"
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
 

@@ -138,6 +138,14 @@ class GenerationEngine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) "
                 f"exceeds the model's {self.backbone.max_positions} positions"
             )
+        # checked here, not in the batch: a mismatch would fail every request sharing it
+        per_image = self.backbone.image_tokens(plan.n_visual)
+        expected = 0 if pixels is None else int(pixels.shape[0]) * per_image
+        if (found := ids.count(self.backbone.image_token_id)) != expected:
+            raise BadRequest(
+                f"{found} image tokens for {expected // per_image} image(s) of {per_image} "
+                f"positions under this plan (encode with its n_visual = {plan.n_visual})"
+            )
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
         if (depth := len(self._queue)) >= self._max_queue:

@@ -52,6 +52,11 @@ class GenPlan:
     labels: tuple[str, ...] = field(default=())
 
     @property
+    def n_visual(self) -> int:
+        """Visual prompts per layer: each image then fills `image_tokens(n_visual)` positions."""
+        return 0 if self.vision is None else int(self.vision.shape[1])
+
+    @property
     def signature(self) -> GenSignature:
         def dims(t: Tensor | None) -> tuple[int, int]:
             return (0, 0) if t is None else (int(t.shape[0]), int(t.shape[1]))

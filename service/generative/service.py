@@ -118,7 +118,8 @@ class Generation:
         pixels = await asyncio.to_thread(self.image, images[0]) if images else None
         plan, name, version = await self.plan(ref)
         try:
-            ids = self.backbone.encode_chat(messages, len(images))
+            # the plan decides how many positions each image takes (visual prompts add some)
+            ids = self.backbone.encode_chat(messages, len(images), plan.n_visual)
         except errors.PromptServeError:
             raise
         except Exception as exc:  # a chat template refusing the roles' order, for one

@@ -67,8 +67,14 @@ def load_conversations(path: str | Path, root: str | Path | None) -> list[dict[s
     return records
 
 
-def samples(backbone: LlavaBackbone, records: list[dict[str, Any]], root: Path) -> list[Sample]:
-    """One sample per assistant turn: context ids, answer ids (+ EOS), the record's image."""
+def samples(
+    backbone: LlavaBackbone, records: list[dict[str, Any]], root: Path, n_visual: int = 0
+) -> list[Sample]:
+    """One sample per assistant turn: context ids, answer ids (+ EOS), the record's image.
+
+    `n_visual`: the visual prompts per layer being trained; each image then takes
+    `image_tokens(n_visual)` positions, as when the checkpoint is served.
+    """
     out: list[Sample] = []
     eos = sorted(backbone.eos_ids)[:1]
     for r in records:
@@ -91,7 +97,7 @@ def samples(backbone: LlavaBackbone, records: list[dict[str, Any]], root: Path) 
             )
             if n_images and image is None:
                 raise InvalidContent("a conversation mentions <image> but its record has none")
-            prompt = backbone.encode_chat(messages, n_images)
+            prompt = backbone.encode_chat(messages, n_images, n_visual)
             answer = backbone.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
             out.append(Sample(prompt, list(answer) + eos, image if n_images else None))
             messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
@@ -179,7 +185,8 @@ def run_m2pt(
     if spec.dataset.kind != "llava_json" or not spec.dataset.split_file:
         raise InvalidContent("m2pt needs dataset kind 'llava_json' with split_file = the JSON")
     root = Path(spec.dataset.root or Path(spec.dataset.split_file).parent)
-    data = samples(backbone, load_conversations(spec.dataset.split_file, root), root)
+    n_visual = M2PT().config(spec.method_config).n_visual
+    data = samples(backbone, load_conversations(spec.dataset.split_file, root), root, n_visual)
     recipe = M2PT_RECIPE.with_overrides(spec.recipe)
     start = time.perf_counter()
     before = mean_loss(

@@ -6,7 +6,9 @@ That code (transformers 4.31, `train_PT.py`) ends with `trainer.save_model`, whi
 run set `--save_safetensors`). The keys we read from it:
 
 * `model.vision_tower.vision_tower.vision_model.encoder.prompts.{i}`: `[1, nv, d_vision]`, one per
-  CLIP layer -> `visual_prompts[i]`;
+  CLIP layer -> `visual_prompts[i]` for the layers up to and including the selected hidden state
+  (with `vision_feature_layer` -2 that is every layer: the last layer's prompt is written into
+  the selected state and its rows 1..nv-1 reach the projector as they are);
 * `model.prompts.{i}`: `[1, nt, d_text]`, one per decoder layer -> `text_prompts[i]`;
 * `model.mm_projector.{0,2}.{weight,bias}` (its `mlp2x_gelu` Sequential) -> `projector.linear_1.*`,
   `projector.linear_2.*` (transformers' LlavaMultiModalProjector); an adapter-only
@@ -147,9 +149,10 @@ def convert(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Reference tensors -> (our m2pt parameters, our method config).
 
-    The reference keeps a visual prompt for every CLIP layer; only the layers that run before the
-    feature layer (`vision_feature_layer`, -2 in LLaVA-1.5) change the image features here, so
-    deeper ones are dropped. `projector`: "auto" keeps it when it differs from the backbone's,
+    The reference keeps a visual prompt for every CLIP layer; those of the layers run before the
+    selected hidden state (`vision_feature_layer`) and the one written into that state change the
+    image features, deeper ones (only with a feature layer shallower than -2) are dropped.
+    `projector`: "auto" keeps it when it differs from the backbone's,
     "yes" always, "no" never.
     """
     if projector not in ("auto", "yes", "no"):
@@ -160,7 +163,7 @@ def convert(
     if vision is not None:
         if len(vision) > backbone.vision_layers:
             log.warning(
-                "dropping visual prompts of layers %d..%d: they lie at or past the feature layer",
+                "dropping visual prompts of layers %d..%d: they lie past the selected state",
                 backbone.vision_layers,
                 len(vision) - 1,
             )

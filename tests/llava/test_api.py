@@ -173,7 +173,7 @@ def test_a_batch_gives_the_answers_of_the_requests_one_by_one(llava: LlavaBackbo
     ).cpu()
     reqs = [
         (
-            llava.encode_chat(user_message(q, i % 2 == 0), int(i % 2 == 0)),
+            llava.encode_chat(user_message(q, i % 2 == 0), int(i % 2 == 0), plans[i % 2].n_visual),
             pixels if i % 2 == 0 else None,
             plans[i % 2],
         )

@@ -16,10 +16,12 @@ from service.generative.m2pt import M2PT, batch_prompts
 QUESTIONS = ["what is in the image?", "describe the colour of the shape in a few words please."]
 
 
-def inputs(llava: LlavaBackbone) -> tuple[list[list[int]], torch.Tensor]:
+def inputs(llava: LlavaBackbone, n_visual: int = 0) -> tuple[list[list[int]], torch.Tensor]:
     rows = [
         llava.encode_chat(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], 1
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            1,
+            n_visual,
         )
         for q in QUESTIONS
     ]
@@ -55,12 +57,13 @@ def prompted(llava: LlavaBackbone, **cfg: object) -> object:
 
 
 def test_prompted_greedy_is_the_same_with_and_without_the_kv_cache(llava: LlavaBackbone) -> None:
-    rows, pixels = inputs(llava)
     prompts = prompted(llava)
+    rows, pixels = inputs(llava, prompts.n_visual)  # type: ignore[attr-defined]
     cached = llava.greedy(rows, pixels, prompts, max_new_tokens=10, use_cache=True)
     uncached = llava.greedy(rows, pixels, prompts, max_new_tokens=10, use_cache=False)
     assert cached == uncached
-    assert cached != llava.greedy(rows, pixels, max_new_tokens=10)  # the prompts do something
+    plain_rows, _ = inputs(llava)
+    assert cached != llava.greedy(plain_rows, pixels, max_new_tokens=10)  # the prompts matter
 
 
 @pytest.mark.parametrize(
@@ -69,12 +72,14 @@ def test_prompted_greedy_is_the_same_with_and_without_the_kv_cache(llava: LlavaB
 def test_partial_prompts_are_consistent_and_change_the_output(
     llava: LlavaBackbone, cfg: dict[str, int]
 ) -> None:
-    rows, pixels = inputs(llava)
     prompts = prompted(llava, **cfg)
+    n_visual = prompts.n_visual  # type: ignore[attr-defined]
+    rows, pixels = inputs(llava, n_visual)
     feats_plain = llava.image_features(pixels)
     feats = llava.image_features(pixels, prompts.vision)  # type: ignore[attr-defined]
-    assert feats.shape == feats_plain.shape  # prompts never reach the language model as tokens
-    assert torch.equal(feats, feats_plain) == (cfg.get("n_visual") == 0)
+    # the reference's layout: nv - 1 prompt rows and the class token ahead of the patches
+    assert feats.shape[1] == feats_plain.shape[1] + n_visual == llava.image_tokens(n_visual)
+    assert torch.equal(feats[:, n_visual:], feats_plain) == (n_visual == 0)
     a = llava.greedy(rows, pixels, prompts, max_new_tokens=6, use_cache=True)
     assert a == llava.greedy(rows, pixels, prompts, max_new_tokens=6, use_cache=False)
 

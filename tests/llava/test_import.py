@@ -79,7 +79,7 @@ def write_sharded(state: dict[str, torch.Tensor], out: Path) -> Path:
 
 def answer(llava: LlavaBackbone, prompts: object) -> list[list[int]]:
     msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
-    rows = [llava.encode_chat(msg, 1)]
+    rows = [llava.encode_chat(msg, 1, prompts.n_visual)]  # type: ignore[attr-defined]
     pixels = llava.pixel_values([Image.new("RGB", (40, 40), (200, 30, 30))])
     return llava.greedy(rows, pixels, prompts, max_new_tokens=8)  # type: ignore[arg-type]
 
@@ -95,7 +95,8 @@ def test_sharded_output_imports_and_answers_as_our_tensors(
         assert torch.equal(ckpt.params[k], v), k
     cfg = ckpt.manifest.method_config
     assert (cfg["n_visual"], cfg["n_text"], cfg["train_projector"]) == (4, 5, True)
-    assert cfg["visual_depth"] == llava.vision_layers < len(llava.tower.encoder.layers)
+    # feature layer -2: the last layer's prompt is written into the selected state, so all count
+    assert cfg["visual_depth"] == llava.vision_layers == len(llava.tower.encoder.layers)
     method = M2PT()
     direct = method.prompts(want, 1, llava.dtype)
     imported = batch_prompts([materialize(ckpt, llava)], llava.dtype)  # type: ignore[arg-type]
