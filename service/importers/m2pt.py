@@ -41,12 +41,18 @@ log = logging.getLogger(__name__)
 VISION = re.compile(r"(?:^|\.)vision_model\.encoder\.prompts\.(\d+)$")
 TEXT = re.compile(r"^(?:.*\.)?model\.prompts\.(\d+)$")
 PROJECTOR = re.compile(r"(?:^|\.)mm_projector\.(\d+)\.(weight|bias)$")
+LINEAR_PROJECTOR = re.compile(r"(?:^|\.)mm_projector\.(weight|bias)$")  # LLaVA v1: one Linear
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLES = ("model.safetensors", "pytorch_model.bin", "mm_projector.bin")
 
 
 def _wanted(key: str) -> bool:
-    return bool(VISION.search(key) or TEXT.match(key) or PROJECTOR.search(key))
+    return bool(
+        VISION.search(key)
+        or TEXT.match(key)
+        or PROJECTOR.search(key)
+        or LINEAR_PROJECTOR.search(key)
+    )
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:
@@ -178,6 +184,14 @@ def convert(
         raise MalformedCheckpoint(
             "no M²PT prompts found: expected keys model.prompts.N and/or "
             "model.vision_tower.vision_tower.vision_model.encoder.prompts.N"
+        )
+    if projector != "no" and any(LINEAR_PROJECTOR.search(k) for k in state):
+        # Never drop a trained projector silently: the prompts were trained against it.
+        raise InvalidContent(
+            "this checkpoint's projector is a single Linear (mm_projector.weight, LLaVA v1); "
+            "transformers' LLaVA has a two-layer projector that cannot hold it. Pass "
+            "--projector no to import the prompts alone (answers will then differ from the "
+            "reference's, whose prompts were trained with that projector)"
         )
     has_proj = any(PROJECTOR.search(k) for k in state)
     if projector == "yes" and not has_proj:

@@ -162,3 +162,18 @@ def llava_from_dir(path: Path) -> LlavaBackbone:
     from service.backbones.llava import load_llava
 
     return load_llava(str(path), str(path))
+
+
+def test_a_single_linear_projector_is_never_dropped_silently(
+    llava: LlavaBackbone, tmp_path: Path
+) -> None:
+    """The paper's code may build LLaVA v1's one-Linear projector, which ours cannot hold."""
+    state = {k: v for k, v in reference_state(llava).items() if "mm_projector" not in k}
+    state["model.mm_projector.weight"] = torch.zeros(llava.text_width, llava.vision_width)
+    state["model.mm_projector.bias"] = torch.zeros(llava.text_width)
+    path = write_sharded(state, tmp_path / "v1")
+    for projector in ("auto", "yes"):
+        with pytest.raises(InvalidContent, match="single Linear"):
+            import_m2pt(path, name="v1", backbone=llava, projector=projector)
+    ckpt, _ = import_m2pt(path, name="v1", backbone=llava, projector="no")
+    assert not any(k.startswith("projector.") for k in ckpt.params)
