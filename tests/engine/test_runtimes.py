@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +140,30 @@ def test_runtime_selection_and_reasons(backbone, tmp_path):
     assert describe(rt, why)["runtime_reason"] == why
     with pytest.raises(ValueError):
         select_runtime("tensorrt", backbone, cache_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs CUDA and onnxruntime-gpu",
+)
+def test_cuda_execution_provider_with_io_binding(backbone, tmp_path):
+    import copy
+    from dataclasses import replace
+
+    gpu = replace(
+        backbone, model=copy.deepcopy(backbone.model).to("cuda"), device=torch.device("cuda")
+    )
+    rt = OnnxRuntime(gpu, tmp_path)
+    assert rt.describe()["io_binding"] and rt.describe()["providers"][0] == "CUDAExecutionProvider"
+    x = torch.randn(3, 3, 32, 32, device="cuda")
+    bias = torch.randn(3, 2, gpu.vision_width, device="cuda") * 0.1
+    got = rt.encode(x, None, bias, "append")
+    assert got.device.type == "cuda"  # bound output: no host round trip
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # eager's patch convolution in true fp32 too
+    try:
+        assert (got - gpu.encode_image(x, None, bias)).abs().max() <= 1e-4
+        ids = gpu.tokenize(["a photo of a cat."])
+        assert (rt.encode_text_ids(ids) - gpu.encode_text_ids(ids)).abs().max() <= 1e-4
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32

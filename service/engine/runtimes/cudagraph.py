@@ -61,7 +61,12 @@ def cuda_capture(pool: Any = None) -> Capture:
                 forward(static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=shared), torch.no_grad():
+        # thread_local: the residency and text-feature threads may use CUDA meanwhile; only
+        # this thread's calls must be capture-safe.
+        with (
+            torch.cuda.graph(graph, pool=shared, capture_error_mode="thread_local"),
+            torch.no_grad(),
+        ):
             out = forward(static)
 
         def replay() -> Tensor:

@@ -95,7 +95,9 @@ class OnnxRuntime:
         self.providers: list[Any] = ["CPUExecutionProvider"]
         if self.cuda:
             index = backbone.device.index or 0
-            self.providers = [("CUDAExecutionProvider", {"device_id": index}), *self.providers]
+            # use_tf32 off: fp32 parity with eager (<= 1e-4) does not survive TF32 matmuls.
+            cuda = ("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0})
+            self.providers = [cuda, *self.providers]
         self._sessions: dict[Key | str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
         self.exports = 0

@@ -8,12 +8,12 @@ from typing import Any
 from service.backbones.clip import ClipBackbone
 from service.engine.runtimes.base import Runtime, TorchRuntime
 
-# Measured with bench/runtimes.py (docs/PERFORMANCE.md): ONNX fp32 with the fused attention
-# export runs ViT-B/32 at 0.96x eager torch at batch 32 on 2 quiet cores (1.2-1.3x at batch 1),
+# Measured with bench/runtimes.py (docs/PERFORMANCE.md): ONNX fp32 with the fused-attention
+# export runs ViT-B/32 at 0.91-1.06x eager torch at batch 32 on 2 cores (1.2-1.35x at batch 1),
 # short of the >= 1.1x the issue sets for making it the CPU default. Eager torch is already at
-# ~85% of the measured fp32 matmul rate there, so an fp32 graph runtime has little left to win.
+# ~87-90% of the measured fp32 matmul rate there, so an fp32 graph runtime has little to win.
 CPU_AUTO_REASON = (
-    "auto: eager torch on the CPU (ONNX fp32 measured 0.96x eager at batch 32, below the 1.1x "
+    "auto: eager torch on the CPU (ONNX fp32 measured 0.91-1.06x eager at batch 32, below the 1.1x "
     "that would make it the default; --runtime onnx opts in, PROMPTSERVE_ONNX_INT8 for int8)"
 )
 
