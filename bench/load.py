@@ -89,7 +89,33 @@ class RssSampler:
         self._thread.join()
 
 
-async def drive(base: str, bodies: list[dict], clients: int, seconds: float) -> dict:
+def served_seconds(base: str) -> tuple[float, float]:
+    """(count, sum) of the server's own classify latency histogram: time inside the service,
+    without the client's queueing, to tell a slow server from a saturated load generator."""
+    count = total = 0.0
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        if line.startswith("promptserve_request_seconds_count{") and 'route="classify"' in line:
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("promptserve_request_seconds_sum{") and 'route="classify"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
+def timed_phase(
+    base: str, bodies: list[dict], clients: int, seconds: float, procs: int = 1
+) -> dict:
+    """One `drive`, plus the mean latency the server itself measured for the accepted requests."""
+    n0, s0 = served_seconds(base)
+    out = drive_procs(base, bodies, clients, seconds, procs)
+    n1, s1 = served_seconds(base)
+    if n1 > n0:
+        out["server_mean_ms"] = round((s1 - s0) / (n1 - n0) * 1e3, 1)
+    return out
+
+
+async def drive(
+    base: str, bodies: list[dict], clients: int, seconds: float, raw: bool = False
+) -> dict:
     """`clients` concurrent clients, each sending one request after another for `seconds`."""
     lat_ok: list[float] = []
     lat_429: list[float] = []
@@ -121,6 +147,47 @@ async def drive(base: str, bodies: list[dict], clients: int, seconds: float) -> 
         start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(clients)))
         elapsed = time.perf_counter() - start
+    if raw:
+        return {"lat_ok": lat_ok, "lat_429": lat_429, "statuses": statuses, "errors": errors,
+                "elapsed": elapsed}  # fmt: skip
+    return summarize(clients, elapsed, lat_ok, lat_429, statuses, errors)
+
+
+def _drive_in_process(args: tuple[str, list[dict], int, float, int]) -> dict:
+    base, bodies, clients, seconds, offset = args
+    raw = asyncio.run(drive(base, bodies[offset:] + bodies[:offset], clients, seconds, raw=True))
+    return raw
+
+
+def drive_procs(base: str, bodies: list[dict], clients: int, seconds: float, procs: int) -> dict:
+    """`drive` split over `procs` processes: one Python process cannot load a server with
+    hundreds of clients (httpx costs about a millisecond of CPU per request)."""
+    if procs <= 1:
+        return asyncio.run(drive(base, bodies, clients, seconds))
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+    jobs = [(base, bodies, n, seconds, i) for i, n in enumerate(shares) if n]
+    with ProcessPoolExecutor(len(jobs)) as pool:
+        raws = list(pool.map(_drive_in_process, jobs))
+    statuses: dict[int, int] = {}
+    errors: dict[str, int] = {}
+    for r in raws:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    return summarize(
+        clients, max(r["elapsed"] for r in raws),
+        [x for r in raws for x in r["lat_ok"]], [x for r in raws for x in r["lat_429"]],
+        statuses, errors,
+    )  # fmt: skip
+
+
+def summarize(
+    clients: int, elapsed: float, lat_ok: list[float], lat_429: list[float],
+    statuses: dict[int, int], errors: dict[str, int],
+) -> dict:  # fmt: skip
     out: dict = {
         "clients": clients,
         "seconds": round(elapsed, 1),
@@ -130,6 +197,7 @@ async def drive(base: str, bodies: list[dict], clients: int, seconds: float) -> 
     }
     if lat_ok:
         out |= {f"p{q}_ms": round(percentile(lat_ok, q) * 1e3, 1) for q in (50, 95, 99)}
+        out["client_mean_ms"] = round(sum(lat_ok) / len(lat_ok) * 1e3, 1)
         out["max_ms"] = round(max(lat_ok) * 1e3, 1)
     if lat_429:
         out["p99_429_ms"] = round(percentile(lat_429, 99) * 1e3, 1)
@@ -180,6 +248,7 @@ def main() -> int:
     p.add_argument("--max-queue", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--timeout", type=float, default=10.0, help="the server's request deadline")
+    p.add_argument("--client-procs", type=int, default=1, help="load generator processes")
     p.add_argument(
         "--server-cpus", default="", help="e.g. 0: pin the server there, the clients elsewhere"
     )
@@ -211,12 +280,12 @@ def main() -> int:
             f"RSS when warm {rss_idle / 1024:.0f} MiB"
         )
         with RssSampler(server.pid) as load_rss:
-            load = asyncio.run(drive(base, bodies, args.clients, args.seconds))
+            load = timed_phase(base, bodies, args.clients, args.seconds, args.client_procs)
         load["peak_rss_mib"] = round(_proc_kib(server.pid, "VmHWM") / 1024, 1)
         print(f"1. load: {json.dumps(load)}")
 
         with RssSampler(server.pid) as over_rss:
-            over = asyncio.run(drive(base, bodies, args.overload_clients, args.seconds))
+            over = timed_phase(base, bodies, args.overload_clients, args.seconds, args.client_procs)
         third = max(1, len(over_rss.samples) // 3)
         first = max(over_rss.samples[:third]) / 1024
         last = max(over_rss.samples[-third:]) / 1024

@@ -198,6 +198,8 @@ def _error_handlers(app: FastAPI, services: Services) -> None:
     def respond(status: int, code: str, message: str) -> JSONResponse:
         services.metrics.errors.labels(code).inc()
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if status in (429, 503):  # tell clients when to come back instead of hammering
+            headers = {"Retry-After": "1"}
         return JSONResponse(
             {"error": {"code": code, "message": message}}, status_code=status, headers=headers
         )

@@ -224,6 +224,7 @@ def test_full_queue_is_429_at_once(make_client, upload, backbone, monkeypatch):
     r = c.post("/v1/classify", json=body)
     assert time.monotonic() - start < 1.0
     _err(r, 429, "overloaded")
+    assert r.headers["retry-after"] == "1"  # a client is told when to come back
     gate.set()
     running.join()
     queued.join()

@@ -413,3 +413,13 @@ def test_stop_is_bounded_and_answers_what_it_abandons():
     elapsed = asyncio.run(main())
     assert 0.09 <= elapsed < 1.0
     assert run.seen() == {0.0}  # the queued two never ran
+
+
+def test_a_request_is_cheap_to_print():
+    """deque.remove formats a missing item into its error: the default dataclass repr printed
+    the image tensors, a third of the server's CPU under load (bench/load.py, py-spy)."""
+    from service.engine.batcher import _Request
+
+    images = torch.zeros(2, 3, 224, 224)
+    req = _Request(images, 2, [], lambda f: f, None, None)  # type: ignore[arg-type]
+    assert repr(req) == "_Request(n=2, shape=(2, 3, 224, 224))"
