@@ -59,7 +59,7 @@ async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
                         },
                     }
                 }
-            }
+            },
         }
     },
 )
