@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
+from service.engine.queue_worker import QueueWorker
 from service.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded, TooManyImages
 from service.prompts.base import Plan
 
@@ -50,8 +49,10 @@ class _Request:
         return a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and a.device == b.device
 
 
-class Batcher:
+class Batcher(QueueWorker[_Request]):
     """Coalesces concurrent `submit`s into batched `run` calls on one dedicated worker thread."""
+
+    kind = "batch"
 
     def __init__(
         self,
@@ -62,47 +63,14 @@ class Batcher:
         max_queue: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        super().__init__(
+            max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+            on_batch=on_batch,
+        )  # fmt: skip
         self._run = run
-        self._max_batch, self._max_queue = max_batch_size, max_queue
-        self._max_wait = max_wait_ms / 1000.0
-        self._on_batch = on_batch
-        self._queue: deque[_Request] = deque()
-        self._arrived = asyncio.Event()  # set on every enqueue and on stop: wakes the collector
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
 
-    @property
-    def queue_depth(self) -> int:
-        """Requests (not images) waiting; the batch being formed or run is not counted."""
-        return len(self._queue)
-
-    async def start(self) -> None:
-        """Start the collector task on the running loop and the worker thread."""
-        if self._task is not None or self._closing:
-            raise RuntimeError("a Batcher is started once")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptserve-batch")
-        self._task = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, finish what is queued within `timeout` s (the rest gets `NotReady`),
-        then stop. Safe to call more than once."""
-        self._closing = True
-        self._arrived.set()
-        task = self._task
-        # asyncio.wait (not wait_for) so that concurrent stop() calls all wait on the drain.
-        if task is not None and not (await asyncio.wait({task}, timeout=timeout))[0]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        while self._queue:
-            _settle(self._queue.popleft().future, None, NotReady("shutting down"))
-        if self._executor is not None:
-            # A batch abandoned at the timeout may still be running: don't block the loop on it.
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+    def _refuse(self, request: _Request) -> None:
+        _settle(request.future, None, NotReady("shutting down"))
 
     async def submit(
         self,

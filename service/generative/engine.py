@@ -16,15 +16,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from service.backbones.llava import LlavaBackbone
+from service.engine.queue_worker import QueueWorker
 from service.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded
 from service.generative.m2pt import GenPlan, batch_prompts
 
@@ -65,8 +64,10 @@ class _Request:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
-class GenerationEngine:
+class GenerationEngine(QueueWorker[_Request]):
     """Batches generation requests onto one LLaVA in one dedicated worker thread."""
+
+    kind = "gen"
 
     def __init__(
         self,
@@ -77,43 +78,15 @@ class GenerationEngine:
         max_queue: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        super().__init__(
+            max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+            on_batch=on_batch,
+        )  # fmt: skip
         self.backbone = backbone
-        self._max_batch, self._max_queue = max_batch_size, max_queue
-        self._max_wait = max_wait_ms / 1000.0
-        self._on_batch = on_batch
-        self._queue: deque[_Request] = deque()
-        self._arrived = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self.batches: list[int] = []  # sizes of recent batches (tests and benchmarks read it)
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
-    async def start(self) -> None:
-        if self._task is not None or self._closing:
-            raise RuntimeError("a GenerationEngine is started once")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptserve-gen")
-        self._task = asyncio.get_running_loop().create_task(self._collect(), name="generation")
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, finish what is queued within `timeout` s, then stop."""
-        self._closing = True
-        self._arrived.set()
-        task = self._task
-        if task is not None and not (await asyncio.wait({task}, timeout=timeout))[0]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        while self._queue:
-            self._queue.popleft().send(Event(error=NotReady("shutting down")))
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+    def _refuse(self, request: _Request) -> None:
+        request.send(Event(error=NotReady("shutting down")))
 
     # --- callers ---------------------------------------------------------------------------------
     async def stream(
