@@ -269,86 +269,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-# name, method, proving-ground domain; configs and recipe: recipes.PROVING_*
-DEMO_CHECKPOINTS = (
-    ("gray-maple", "maple", "gray"),
-    ("gray-bias", "bias", "gray"),
-    ("noise-coop", "coop", "noise"),
-)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Offline demo: the proving-ground backbone, three trained checkpoints, the service."""
-    import uvicorn
-    from PIL import Image
+    from service.demo import run_demo
 
-    from prompts_store import open_store
-    from service.app import create_app
-    from service.training import proving_ground as pg
-    from service.training.datasets import load_data
-    from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE
-    from service.training.runs import DatasetSpec, TrainSpec, run
-
-    store_url = args.store or "file://var/demo/store"
-    print("proving-ground backbone (pre-trained on first use, about 2 minutes; cached)...")
-    backbone = pg.build_backbone(progress=lambda row: print(f"  pre-training {row}"))
-    store = open_store(store_url)
-    for name, method, domain in DEMO_CHECKPOINTS:
-        if name in store.names():
-            continue
-        spec = TrainSpec(
-            name=name,
-            method=method,
-            method_config=PROVING_CONFIG.get(method, {}),
-            shots=16,
-            dataset=DatasetSpec(kind="proving_ground", domain=domain),
-            recipe=PROVING_RECIPE,
-        )
-        result = run(spec, backbone, store, load_data, out_dir=Path("var/demo/runs"))
-        print(
-            f"trained {name} ({method} on the {domain} domain): test accuracy "
-            f"{result.metrics['test']['accuracy']:.1%}"
-        )
-    store.close()
-    images = Path("var/demo/images")
-    images.mkdir(parents=True, exist_ok=True)
-    for domain in ("gray", "noise"):
-        sample = pg.make_dataset(domain, "demo", per_class=1, seed=7)
-        for i in (0, 5, 10):
-            fname = images / f"{domain}-{sample.classnames[i].replace(' ', '-')}.png"
-            Image.fromarray(sample.images[i].numpy()).save(fname)
-    settings = Settings(
-        model="proving-clip",
-        model_config_path=str(pg.ARCH_PATH),  # the training child process registers it too
-        pretrained=backbone.pretrained,
-        store=store_url,
-        runtime="torch",
-        host="127.0.0.1",
-        port=args.port or 8000,
-    )
-    base = f"http://127.0.0.1:{settings.port}"
-    print(f"""
-promptserve demo on {base} (Ctrl-C to stop). Try:
-  curl {base}/v1/checkpoints
-  curl -F images=@{images}/gray-red-circle.png -F checkpoint=gray-maple {base}/v1/classify
-  curl -F images=@{images}/gray-red-circle.png -F checkpoint=gray-bias {base}/v1/classify
-  curl -F images=@{images}/noise-green-square.png -F checkpoint=noise-coop {base}/v1/classify
-  curl -F images=@{images}/gray-red-circle.png -F 'classnames=["red circle","blue square"]' \\
-       {base}/v1/classify
-  curl -H 'content-type: application/json' {base}/v1/jobs -d '{{"name": "my-gray", \
-       "method": "vpt", "dataset": {{"kind": "proving_ground", "domain": "gray"}}, \
-       "recipe": {{"epochs": 10, "optimizer": "adamw", "lr": 0.03, "warmup_epochs": 0}}}}'
-  curl {base}/v1/jobs/<id from the line above>      (then classify with checkpoint=my-gray)
-  open {base}/docs
-""")
-    uvicorn.run(
-        create_app(settings, backbone=backbone),
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        log_level="info",
-    )
-    return 0
+    return run_demo(args.store or "file://var/demo/store", args.port or 8000)
 
 
 def build_parser() -> argparse.ArgumentParser:
