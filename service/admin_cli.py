@@ -5,6 +5,7 @@
     promptserve checkpoints activate NAME VERSION     move the pointer (compare-and-set)
     promptserve checkpoints rollback NAME [--to V]    back to the version before the current one
     promptserve checkpoints delete NAME --yes
+    promptserve checkpoints export NAME[@VERSION] --out FILE   (also `promptserve export`)
 
 No server is needed: these talk to the store (`--store` or PROMPTSERVE_STORE), and every serving
 replica picks the change up through the store's events, as it does for the HTTP routes. `--json`
@@ -17,6 +18,7 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import prompts_store as ps
@@ -117,6 +119,26 @@ def rollback(store: ps.PromptStore, name: str, to: int | None = None) -> dict[st
     return activate(store, name, to, expected=current if current is not None else 0)
 
 
+def export(store: ps.PromptStore, ref: str, out: Path, force: bool = False) -> dict[str, Any]:
+    """Write a stored version (checksum verified on read) to `out`, atomically: the file is the
+    checkpoint as uploaded, ready for another store's `POST /v1/checkpoints`."""
+    name, _, version = ref.partition("@")
+    if version and not version.isdigit():
+        raise errors.BadRequest(f"{ref!r}: a version is a number, as in name@3")
+    if out.exists() and not force:
+        raise errors.Conflict(f"{out} exists; pass --force to overwrite it")
+    stored = store.get(name, int(version) if version else None)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(stored.data)
+    tmp.replace(out)
+    return {
+        "name": name,
+        "version": stored.version,
+        "bytes": len(stored.data),
+        "out": str(out),
+    }
+
+
 def cmd_checkpoints(args: argparse.Namespace, store_url: str) -> int:
     """Run one `promptserve checkpoints` action against the store at `store_url`."""
     store = ps.open_store(store_url)
@@ -135,6 +157,10 @@ def cmd_checkpoints(args: argparse.Namespace, store_url: str) -> int:
                     print(json.dumps(out))
                 else:
                     print(f"{out['name']}: v{out['previous']} -> v{out['version']} (active)")
+            elif args.action == "export":
+                done = export(store, args.ref, Path(args.out), args.force)
+                print(json.dumps(done) if args.json else f"{args.ref} -> {done['out']} "
+                      f"(v{done['version']}, {done['bytes']} bytes)")  # fmt: skip
             elif args.action == "delete":
                 if not args.yes:
                     print(f"refusing to delete {args.name!r} without --yes", file=sys.stderr)
@@ -165,7 +191,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     r = acts.add_parser("rollback", parents=[common], help="back to the version before current")
     r.add_argument("name")
     r.add_argument("--to", type=int, help="this version instead")
+    add_export_arguments(acts.add_parser("export", parents=[common], help="write one to a file"))
     d = acts.add_parser("delete", parents=[common], help="remove NAME and every version")
     d.add_argument("name")
     d.add_argument("--yes", action="store_true", help="really delete")
     return c
+
+
+def add_export_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("ref", help="NAME (the current version) or NAME@VERSION")
+    e.add_argument("--out", required=True, help="the .safetensors file to write")
+    e.add_argument("--force", action="store_true", help="overwrite an existing file")

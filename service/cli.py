@@ -369,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     from service.admin_cli import add_parser as add_checkpoints_parser
 
     add_checkpoints_parser(sub).set_defaults(func=cmd_checkpoints)
+    from service.admin_cli import add_export_arguments
+
+    x = sub.add_parser("export", help="write a stored checkpoint version to a file")
+    add_export_arguments(x)
+    x.add_argument("--store", help="file://DIR or redis://HOST:PORT/DB")
+    x.add_argument("--json", action="store_true", help="machine-readable output")
+    x.set_defaults(func=cmd_checkpoints, action="export")
     return parser
 
 

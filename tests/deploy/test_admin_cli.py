@@ -83,3 +83,21 @@ def test_delete_needs_yes(store_url, capsys):
     assert run(capsys, "delete", "cars", "--store", store_url, "--yes")[0] == 0
     code, _, err = run(capsys, "versions", "cars", "--store", store_url)
     assert code == 2 and "not_found" in err
+
+
+def test_export_writes_the_stored_bytes(store_url, tmp_path, capsys):
+    out = tmp_path / "pets.safetensors"
+    code, text, _ = run(capsys, "export", "pets@2", "--out", str(out), "--store", store_url)
+    assert code == 0 and out.read_bytes() == b"blob2" and "v2" in text
+    code, _, err = run(capsys, "export", "pets", "--out", str(out), "--store", store_url)
+    assert code == 2 and "--force" in err and out.read_bytes() == b"blob2"  # never clobbered
+    # the top-level form DESIGN.md names, current version by default
+    assert main(["export", "pets", "--out", str(out), "--force", "--store", store_url]) == 0
+    assert out.read_bytes() == b"blob3"
+    capsys.readouterr()
+    code, _, err = run(capsys, "export", "nope", "--out", str(tmp_path / "x"), "--store", store_url)
+    assert code == 2 and "not_found" in err and not (tmp_path / "x").exists()
+    code, _, err = run(
+        capsys, "export", "pets@two", "--out", str(tmp_path / "x"), "--store", store_url
+    )
+    assert code == 2 and "bad_request" in err
