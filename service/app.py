@@ -12,7 +12,6 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,8 +39,7 @@ from service.logs import RequestLog, redact_url
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
 from service.settings import Settings
-from service.training.jobs import JobQueue, queue_url_for
-from service.training.local_jobs import LocalJobs
+from service.training.local_jobs import jobs_for
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +88,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
                 yield
             return
         store = open_store(settings.store)
-        queue_url = queue_url_for(settings.queue, settings.store)
-        if queue_url is not None:  # lazy client: a Redis outage answers 503 on /v1/jobs only
-            services.jobs = JobQueue(
-                queue_url, retries=settings.job_retries, timeout_s=settings.job_timeout_s
-            )
-        elif settings.local_jobs:  # the embedded store: train in a child process of our own
-            runs = Path(settings.runs_dir) if settings.runs_dir else None
-            services.jobs = LocalJobs(settings, retries=settings.job_retries, out_dir=runs)
+        services.jobs = jobs_for(settings)
         residency = Residency(
             store,
             bb,

@@ -19,7 +19,7 @@ from service.generative.engine import GenerationEngine, Sampling
 from service.generative.m2pt import PLAIN_GEN_PLAN
 from service.generative.service import Generation, user_message
 from service.images import ImageLimits
-from service.training.jobs import JobQueue, queue_url_for
+from service.training.local_jobs import jobs_for
 
 
 @asynccontextmanager
@@ -27,11 +27,7 @@ async def llava_lifespan(app: Any, services: Services, bb: LlavaBackbone) -> Asy
     """Wire the generation path; `app.state.generation` is what the answer routes use."""
     settings = services.settings
     store = open_store(settings.store)
-    queue_url = queue_url_for(settings.queue, settings.store)
-    if queue_url is not None:
-        services.jobs = JobQueue(
-            queue_url, retries=settings.job_retries, timeout_s=settings.job_timeout_s
-        )
+    services.jobs = jobs_for(settings)  # M²PT jobs: RQ workers or our own child process
     residency: Any = Residency(
         store,
         bb,  # type: ignore[arg-type]  # residency needs only .device and checkpoint validation

@@ -25,11 +25,14 @@ import uuid
 from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service import errors
 from service.settings import Settings
 from service.training.runs import TrainSpec
+
+if TYPE_CHECKING:
+    from service.training.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +263,18 @@ def child_main(settings_json: str, tasks: Any, events: Any, cancel: Any, out_dir
             p = result.published
             out = {"name": p.name, "version": p.version, "metrics": summary(result.metrics)}
             events.put(("finished", job_id, out))
+
+
+def jobs_for(settings: Settings) -> JobQueue | LocalJobs | None:
+    """What runs training jobs for a service with these settings: the Redis queue when there is
+    one (`promptserve worker` processes run them), else this service's own child process
+    (`PROMPTSERVE_LOCAL_JOBS`), else nothing (the jobs routes answer 503 and say why)."""
+    from service.training.jobs import JobQueue, queue_url_for
+
+    queue_url = queue_url_for(settings.queue, settings.store)
+    if queue_url is not None:  # lazy client: a Redis outage answers 503 on /v1/jobs only
+        return JobQueue(queue_url, retries=settings.job_retries, timeout_s=settings.job_timeout_s)
+    if settings.local_jobs:
+        runs = Path(settings.runs_dir) if settings.runs_dir else None
+        return LocalJobs(settings, retries=settings.job_retries, out_dir=runs)
+    return None

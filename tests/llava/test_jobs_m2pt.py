@@ -78,3 +78,16 @@ def test_the_embedded_store_trains_m2pt_in_its_child_process(llava_dir, llava, t
     assert out["state"] == "finished", out
     blob = open_store(f"file://{tmp_path / 'store'}").get("colours").data
     assert checkpoints.load(blob, llava).manifest.method == "m2pt"  # same weights, same fingerprint
+
+
+def test_a_llava_server_on_the_file_store_runs_jobs_itself(llava, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    settings = Settings(backbone="llava", store=f"file://{tmp_path / 'store'}")
+    with TestClient(create_app(settings, backbone=llava)) as client:
+        assert isinstance(client.app.state.services.jobs, LocalJobs)
+        r = client.post("/v1/jobs", json=spec(tmp_path / "train.json").model_dump())
+        assert r.status_code == 202, r.text  # queued; its child would load the LLaVA
+        assert client.delete(f"/v1/jobs/{r.json()['id']}").status_code in (200, 202)
