@@ -134,6 +134,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             timeout_s=settings.request_timeout_s,
             max_batch=settings.max_batch_size,
             max_admitted=settings.max_queue + settings.max_batch_size,
+            max_queue_wait_s=settings.max_queue_wait_s,
         )
         await _warm_up(bb, batcher)
         services.status = {

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     max_queue: int = Field(default=256, ge=1, description="queued requests before 429")
+    max_queue_wait_s: float = Field(
+        default=5.0, ge=0, description="429 when the work ahead would take longer (0: off)"
+    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="deadline per request")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024)
     max_images: int = Field(default=64, ge=1, description="images per request")

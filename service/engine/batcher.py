@@ -68,6 +68,9 @@ class Batcher(QueueWorker[_Request]):
             on_batch=on_batch,
         )  # fmt: skip
         self._run = run
+        # Compute seconds per request at the batch sizes the traffic makes (moving average):
+        # what a request admitted now costs the ones behind it (Inference.admission).
+        self.seconds_per_request: float | None = None
 
     def _refuse(self, request: _Request) -> None:
         _settle(request.future, None, NotReady("shutting down"))
@@ -173,7 +176,11 @@ class Batcher(QueueWorker[_Request]):
                 log.exception("on_batch callback failed")
         try:
             loop = asyncio.get_running_loop()
+            started = time.monotonic()
             outcomes = await loop.run_in_executor(self._executor, self._compute, batch)
+            per = (time.monotonic() - started) / len(batch)
+            last = self.seconds_per_request
+            self.seconds_per_request = per if last is None else 0.8 * last + 0.2 * per
         except asyncio.CancelledError:  # stop() gave up waiting: answer rather than hang
             for r in batch:
                 _settle(r.future, None, NotReady("shutting down"))

@@ -62,6 +62,10 @@ class Inference:
     # pool), which made 429s take seconds under overload (bench/load.py). 0: unbounded.
     max_admitted: int = 0
     admitted: int = 0
+    # ... and by time: refused when the work already admitted would take longer than this to
+    # compute (admitted x the batcher's measured seconds per request), so accepted requests
+    # wait about this long at most whatever the model's speed. 0: off.
+    max_queue_wait_s: float = 0.0
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:
@@ -69,6 +73,12 @@ class Inference:
         if self.max_admitted and self.admitted >= self.max_admitted:
             raise errors.Overloaded(
                 f"server overloaded: {self.admitted} requests in progress; retry with backoff"
+            )
+        per = self.batcher.seconds_per_request
+        if self.max_queue_wait_s and per and self.admitted * per > self.max_queue_wait_s:
+            raise errors.Overloaded(
+                f"server overloaded: about {self.admitted * per:.1f} s of work ahead "
+                f"({self.admitted} requests); retry with backoff"
             )
         self.admitted += 1
         try:
