@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import socket
+
 import torch
+from PIL import Image
 
 from service.backbones.clip import ClipBackbone, load_clip
 from service.checkpoints import dump, new_manifest
@@ -35,3 +40,19 @@ def checkpoint_bytes(
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for a server subprocess."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def jpeg_b64(size: int) -> str:
+    """One seeded random size x size JPEG, base64: the request image of the service benches."""
+    gen = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return base64.b64encode(buf.getvalue()).decode()

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,31 +28,15 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import backbone, checkpoint_bytes, percentile
+from bench.common import backbone, checkpoint_bytes, free_port, jpeg_b64, percentile
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "tiny_clip.json"
 METHODS = ("coop", "cocoop", "vpt", "maple", "bias")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _image_b64(size: int) -> str:
-    gen = torch.Generator().manual_seed(0)
-    pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _proc_kib(pid: int, field: str) -> int:
@@ -207,7 +188,7 @@ def summarize(
 def start_server(
     args: argparse.Namespace, tmp: Path, weights: Path
 ) -> tuple[subprocess.Popen, str]:
-    port = _port()
+    port = free_port()
     env = {
         **os.environ,
         "PROMPTSERVE_MAX_QUEUE": str(args.max_queue),
@@ -260,7 +241,7 @@ def main() -> int:
     server, base = start_server(args, tmp, weights)
     try:
         size = bb.visual.image_size
-        image = _image_b64(size if isinstance(size, int) else size[0])
+        image = jpeg_b64(size if isinstance(size, int) else size[0])
         names = []
         for i in range(args.checkpoints):
             method = METHODS[i % len(METHODS)]

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,30 +27,15 @@ from pathlib import Path
 
 import httpx
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import backbone, checkpoint_bytes, classnames, percentile
+from bench.common import backbone, checkpoint_bytes, classnames, free_port, jpeg_b64, percentile
 from service.engine.forward import encode
 from service.prompts import get_method
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _image_b64(size: int) -> str:
-    gen = torch.Generator().manual_seed(0)
-    pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def raw_encoder(bb, batch: int, seconds: float) -> float:
@@ -144,7 +126,7 @@ def main() -> None:
     raw = raw_encoder(bb, 32, args.seconds)
     print(f"1. raw batched encoder, in-process, batch 32: {raw:.1f} images/s")
 
-    port = _port()
+    port = free_port()
     log = (tmp / "server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--model", args.model, "--pretrained",
@@ -163,7 +145,7 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit((tmp / "server.log").read_text())
             time.sleep(0.5)
-        image = _image_b64(224)
+        image = jpeg_b64(224)
         names = [f"maple-{i}" for i in range(args.checkpoints)]
         for i, name in enumerate(["single", *names]):
             blob = checkpoint_bytes(bb, name, "maple", 10, seed=i)
