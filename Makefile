@@ -23,12 +23,12 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service prompts_store tests bench
-	$(VENV)/bin/ruff format --check service prompts_store tests bench
+	$(VENV)/bin/ruff check service prompts_store promptserve tests bench
+	$(VENV)/bin/ruff format --check service prompts_store promptserve tests bench
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format service prompts_store tests bench
-	$(VENV)/bin/ruff check --fix service prompts_store tests bench
+	$(VENV)/bin/ruff format service prompts_store promptserve tests bench
+	$(VENV)/bin/ruff check --fix service prompts_store promptserve tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_checkpoints_parser(sub).set_defaults(func=cmd_checkpoints)
     from service.admin_cli import add_export_arguments
+    from service.remote_cli import add_parser as add_classify_parser
+
+    add_classify_parser(sub)
 
     x = sub.add_parser("export", help="write a stored checkpoint version to a file")
     add_export_arguments(x)

@@ -4,59 +4,19 @@ separate `promptserve worker`; this router only talks to the queue."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel
 
 from service import errors
 from service.api.classify import ERRORS
 from service.api.deps import AdminAuth, ReadAuth, Services, ServicesDep
+from service.schemas import JobOut
 from service.training.jobs import JobQueue
 from service.training.local_jobs import LocalJobs
 from service.training.runs import TrainSpec
 
 router = APIRouter(tags=["jobs"])
-
-
-class JobProgress(BaseModel):
-    """Where a running job is: epoch (1-based) of epochs, optimizer steps done of the total (the
-    total and the ETA are known once the first epoch has ended), running loss and accuracy."""
-
-    epoch: int
-    epochs: int
-    step: int | None = None
-    steps: int | None = None
-    loss: float
-    acc: float
-    eta_s: float | None = None
-
-
-class JobResult(BaseModel):
-    name: str
-    version: int
-    metrics: dict[str, Any]
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class JobOut(BaseModel):
-    """A training job; fields without a value are left out."""
-
-    id: str
-    state: Literal["queued", "started", "finished", "failed", "cancelled"]
-    name: str | None = None
-    method: str | None = None
-    created_at: str | None = None
-    started_at: str | None = None
-    ended_at: str | None = None
-    progress: JobProgress | None = None
-    result: JobResult | None = None
-    error: JobError | None = None
-    cancel_requested: bool | None = None
 
 
 def _jobs(services: Services) -> JobQueue | LocalJobs:
