@@ -58,15 +58,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Load the backbone before binding, so missing weights are a clear error, not a crash loop.
     backbone = load_backbone(settings)
     app = create_app(settings, backbone=backbone)
-    from service.logs import uvicorn_log_config
-
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         log_level="info",
-        log_config=uvicorn_log_config(settings.log_format),
+        # no config of uvicorn's own: its loggers propagate to our one (escaping) handler
+        log_config=None,
         access_log=False,  # service.logs.RequestLog writes access lines, with the request id
     )
     return 0
