@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from prompts_store import open_store
 from service import __version__, errors
@@ -37,7 +38,7 @@ from service.engine.zeroshot_cache import ZeroShotCache
 from service.images import ImageLimits
 from service.logs import RequestLog, redact_url
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestId
+from service.middleware import BodyReader, RequestId
 from service.settings import Settings
 from service.training.local_jobs import jobs_for
 
@@ -180,7 +181,13 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
     app.include_router(jobs.router)
     app.include_router(ops.router)
     _error_handlers(app, services)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyReader,
+        limit=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        idle_timeout_s=settings.body_idle_timeout_s,
+        on_disconnect=services.metrics.disconnects.inc,
+    )
     app.add_middleware(RequestLog)  # inside RequestId: it reads the id RequestId chose
     app.add_middleware(RequestId)
     return app
@@ -220,8 +227,15 @@ def _error_handlers(app: FastAPI, services: Services) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return respond(exc.status_code, code, str(exc.detail))
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        return respond(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(ClientDisconnect)
+    async def left(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up: not an error of ours, and nobody reads an answer.
+        log.info("client left during %s %s", request.method, request.url.path)
+        services.metrics.disconnects.inc()
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:

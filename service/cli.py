@@ -40,6 +40,7 @@ def load_backbone(settings: Settings) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service import server
     from service.app import create_app
     from service.settings import LOOPBACK
 
@@ -58,16 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Load the backbone before binding, so missing weights are a clear error, not a crash loop.
     backbone = load_backbone(settings)
     app = create_app(settings, backbone=backbone)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        log_level="info",
-        # no config of uvicorn's own: its loggers propagate to our one (escaping) handler
-        log_config=None,
-        access_log=False,  # service.logs.RequestLog writes access lines, with the request id
-    )
+    uvicorn.Server(server.config(app, settings)).run()
     return 0
 
 

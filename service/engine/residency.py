@@ -249,14 +249,15 @@ class Residency:
             sub.close()
 
     def apply(self, event: ps.ChangeEvent) -> None:
-        """Act on one store change: swap in a newly activated version of a name we serve."""
+        """Act on one store change: swap in a newly activated version of a name we serve, or
+        forget every resident version of a deleted name (pinned `name@N` ones too)."""
+        if event.kind == "delete":
+            self.forget(event.name)
+            return
         with self._lock:
             served = self._current.get(event.name)
         if served is None:
             return  # never served here: the next request asks the store
-        if event.kind == "delete":
-            self._forget(event.name)
-            return
         if event.kind != "activate":
             return  # a put moves no pointer (an activating put is followed by "activate")
         with store_errors():
@@ -283,7 +284,8 @@ class Residency:
         if self.on_change is not None:
             self.on_change(event.name, pointer)
 
-    def _forget(self, name: str) -> None:
+    def forget(self, name: str) -> None:
+        """Drop every resident version of `name` (it was deleted): pinned requests included."""
         with self._lock:
             self._current.pop(name, None)
             for tier in (self._device, self._host):
