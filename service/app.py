@@ -35,7 +35,7 @@ from service.engine.residency import Residency
 from service.engine.runtimes.select import describe as describe_runtime
 from service.engine.runtimes.select import select_runtime
 from service.engine.zeroshot_cache import ZeroShotCache
-from service.images import ImageLimits
+from service.images import ImageLimits, PixelBudget
 from service.logs import RequestLog, redact_url
 from service.metrics import Metrics
 from service.middleware import BodyReader, RequestId
@@ -127,6 +127,8 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
                 settings.zeroshot_cache_entries,
                 settings.max_adhoc_classes,
                 text_encoder=getattr(runtime, "encode_text_ids", None),
+                max_texts=settings.max_adhoc_texts,
+                run=batcher.run_on_worker,
             ),
             limits=ImageLimits(
                 max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
@@ -136,6 +138,8 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             max_batch=settings.max_batch_size,
             max_admitted=settings.max_queue + settings.max_batch_size,
             max_queue_wait_s=settings.max_queue_wait_s,
+            max_request_pixels=settings.max_request_pixels,
+            pixels=PixelBudget(settings.max_decode_pixels),
         )
         await _warm_up(bb, batcher)
         services.status = {

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -21,6 +23,7 @@ from service.errors import (
     ImageTooLarge,
     InvalidBase64,
     InvalidImage,
+    Overloaded,
     PromptServeError,
     UnsupportedImageFormat,
 )
@@ -81,8 +84,8 @@ def decode_base64(text: str, limits: ImageLimits) -> bytes:
         raise InvalidBase64(f"image is not valid base64 ({err}); {_ALPHABET_HINT}") from None
 
 
-def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Decode allow-listed image bytes into a fully loaded RGB image, within `limits`."""
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    """The image opened lazily (header read, no pixel decoded), every limit checked."""
     # A global set elsewhere would make truncated uploads decode as grey padding: refuse loudly.
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False in this service")
@@ -109,16 +112,30 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
         ) from None
     except Exception as err:
         raise InvalidImage(f"image could not be read ({type(err).__name__})") from None
-    with img:
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise InvalidImage(f"image header claims an empty size {width}x{height}")
+    pixel_cap = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+    if width * height > pixel_cap:
+        img.close()
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{pixel_cap}; downscale it before sending"
+        )
+    return img
+
+
+def header_pixels(data: bytes, limits: ImageLimits) -> int:
+    """Pixels the image will decode to, from its header alone (every limit checked)."""
+    with _open(data, limits) as img:
         width, height = img.size
-        if width <= 0 or height <= 0:
-            raise InvalidImage(f"image header claims an empty size {width}x{height}")
-        pixel_cap = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
-        if width * height > pixel_cap:
-            raise ImageTooLarge(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{pixel_cap}; downscale it before sending"
-            )
+        return int(width * height)
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode allow-listed image bytes into a fully loaded RGB image, within `limits`."""
+    with _open(data, limits) as img:
         try:
             # Animated WebP/PNG: open() leaves the first frame current and load() decodes only
             # that one, so we classify the first frame.
@@ -132,17 +149,81 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
             ) from None
 
 
-def to_batch(
-    images: list[Image.Image], preprocess: Callable[[Image.Image], torch.Tensor]
+class PixelBudget:
+    """Decoded pixels alive at once in this process, across requests and decode threads.
+
+    A full-size image costs about 11 bytes per pixel at its peak (the RGB buffer, the EXIF
+    transpose and colour conversion copies, the resize's input); the budget bounds what
+    concurrent decodes can hold together. Exhausted, it refuses at once (429, Retry-After)
+    instead of queueing memory.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used = capacity, 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._lock:
+            if self.used + pixels > self.capacity:
+                raise Overloaded(
+                    f"server busy decoding images ({self.used} of {self.capacity} pixels in "
+                    "flight); retry with backoff"
+                )
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= pixels
+
+
+def decode_batch(
+    items: Sequence[bytes],
+    limits: ImageLimits,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    *,
+    max_request_pixels: int,
+    budget: PixelBudget | None = None,
 ) -> torch.Tensor:
-    """Preprocess each image and stack them into one `[N, 3, H, W]` tensor."""
-    if not images:
-        raise ValueError("to_batch needs at least one image")
-    tensors = [preprocess(image) for image in images]
-    for t in tensors:
-        if t.ndim != 3 or t.shape[0] != 3:
-            raise ValueError(f"preprocess must return [3, H, W], got {list(t.shape)}")
-    return torch.stack(tensors)
+    """Image bytes -> preprocessed `[N, 3, H, W]`, one image alive at full size at a time.
+
+    Every header is read (and every limit checked) before any pixel is decoded; the request's
+    total is bounded by `max_request_pixels` (413), and each decode holds its pixels from the
+    process-wide `budget` (429 when exhausted). Each image becomes its model-sized tensor as
+    soon as it is decoded, so the full-size copies never pile up.
+    """
+    if not items:
+        raise ValueError("decode_batch needs at least one image")
+    sizes = [header_pixels(data, limits) for data in items]
+    if (total := sum(sizes)) > max_request_pixels:
+        raise ImageTooLarge(
+            f"the images of this request total {total} pixels, over the limit of "
+            f"{max_request_pixels} per request; send fewer or smaller images"
+        )
+    out = None
+    for i, (data, pixels) in enumerate(zip(items, sizes, strict=True)):
+        with budget.hold(pixels) if budget is not None else contextlib.nullcontext():
+            tensor = _model_input(data, limits, preprocess)
+        if out is None:
+            out = tensor.new_empty(len(items), *tensor.shape)
+        elif tensor.shape != out.shape[1:]:
+            raise ValueError(
+                f"preprocess returned {list(tensor.shape)} after {list(out.shape[1:])}"
+            )
+        out[i] = tensor
+    assert out is not None
+    return out
+
+
+def _model_input(
+    data: bytes, limits: ImageLimits, preprocess: Callable[[Image.Image], torch.Tensor]
+) -> torch.Tensor:
+    # Its own frame, so the decoded image is freed as soon as the tensor exists.
+    tensor = preprocess(open_image(data, limits))
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"preprocess must return [3, H, W], got {list(tensor.shape)}")
+    return tensor
 
 
 def _too_many_bytes(size: int, limits: ImageLimits) -> ImageTooLarge:

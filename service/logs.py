@@ -86,14 +86,14 @@ class TextFormatter(logging.Formatter):
         return head + "\n" + "\n".join("    " + escape_controls(line) for line in rest.split("\n"))
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time of the record, not at configure time: test
     runners and daemons swap (and close) it, and a stale stream raised "I/O operation on closed
     file" at exit."""
 
     _fixed: Any = None  # a stream given explicitly (tests capture into a buffer)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return self._fixed if self._fixed is not None else sys.stderr
 

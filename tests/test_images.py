@@ -16,7 +16,7 @@ from PIL import Image, ImageFile
 
 from service import errors
 from service.backbones.clip import ClipBackbone
-from service.images import ImageLimits, decode_base64, open_image, to_batch
+from service.images import ImageLimits, PixelBudget, decode_base64, decode_batch, open_image
 
 LIMITS = ImageLimits()
 
@@ -406,24 +406,57 @@ def simple_preprocess(img: Image.Image) -> torch.Tensor:
     return raw.view(32, 32, 3).permute(2, 0, 1).float() / 255
 
 
-def test_to_batch_with_a_simple_preprocess() -> None:
-    images = [open_image(encode(gradient(s), "PNG"), LIMITS) for s in [(48, 32), (10, 60)]]
-    batch = to_batch(images, simple_preprocess)
+def test_decode_batch_with_a_simple_preprocess() -> None:
+    blobs = [encode(gradient(s), "PNG") for s in [(48, 32), (10, 60)]]
+    batch = decode_batch(blobs, LIMITS, simple_preprocess, max_request_pixels=10**6)
     assert batch.shape == (2, 3, 32, 32)
-    assert torch.equal(batch[1], simple_preprocess(images[1]))
+    assert torch.equal(batch[1], simple_preprocess(open_image(blobs[1], LIMITS)))
 
 
-def test_to_batch_with_open_clip_preprocess(backbone: ClipBackbone) -> None:
+def test_decode_batch_with_open_clip_preprocess(backbone: ClipBackbone) -> None:
     preprocess = backbone.preprocess  # the tiny CLIP from conftest: 32x32 inputs
-    images = [open_image(encode(gradient((40, 30)), fmt), LIMITS) for fmt in ("PNG", "JPEG")]
-    images.append(open_image(encode(gradient((33, 70)), "WEBP"), LIMITS))
-    batch = to_batch(images, preprocess)
+    blobs = [encode(gradient((40, 30)), fmt) for fmt in ("PNG", "JPEG")]
+    blobs.append(encode(gradient((33, 70)), "WEBP"))
+    batch = decode_batch(blobs, LIMITS, preprocess, max_request_pixels=10**6)
     assert batch.shape == (3, 3, 32, 32)
     assert batch.dtype == torch.float32
+    # bit-identical to preprocessing the decoded image: the exact path is unchanged
+    assert torch.equal(batch[2], preprocess(open_image(blobs[2], LIMITS)))
 
 
-def test_to_batch_rejects_bad_input() -> None:
+def test_decode_batch_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
-        to_batch([], simple_preprocess)
+        decode_batch([], LIMITS, simple_preprocess, max_request_pixels=10**6)
     with pytest.raises(ValueError):
-        to_batch([Image.new("RGB", (4, 4))], lambda img: torch.zeros(1, 4, 4))
+        decode_batch(
+            [encode(gradient((4, 4)), "PNG")],
+            LIMITS,
+            lambda img: torch.zeros(1, 4, 4),
+            max_request_pixels=10**6,
+        )
+
+
+def test_the_request_total_is_checked_from_headers_before_any_decode() -> None:
+    """Two images within the per-image limit whose sum is over the request's: 413 before a pixel
+    is decoded (the preprocess would record a call)."""
+    calls: list[int] = []
+
+    def counting(img: Image.Image) -> torch.Tensor:
+        calls.append(1)
+        return simple_preprocess(img)
+
+    blobs = [encode(gradient((100, 100)), "PNG")] * 2
+    with pytest.raises(errors.ImageTooLarge) as exc:
+        decode_batch(blobs, LIMITS, counting, max_request_pixels=15_000)
+    assert_error(exc, errors.ImageTooLarge, "image_too_large")
+    assert "total 20000 pixels" in exc.value.message and calls == []
+
+
+def test_the_process_budget_refuses_at_once_and_is_released() -> None:
+    budget = PixelBudget(15_000)
+    blob = encode(gradient((100, 100)), "PNG")
+    with budget.hold(10_000), pytest.raises(errors.Overloaded):
+        decode_batch([blob], LIMITS, simple_preprocess, max_request_pixels=10**6, budget=budget)
+    assert budget.used == 0
+    decode_batch([blob, blob], LIMITS, simple_preprocess, max_request_pixels=10**6, budget=budget)
+    assert budget.used == 0  # one image held at a time, each released after its tensor exists

@@ -102,15 +102,17 @@ async def classify(request: Request, services: ServicesDep, _: ReadAuth) -> dict
     """Classify images by checkpoint(s), or zero-shot with ad-hoc class names."""
     inference = services.require()
     start = time.perf_counter()
-    with inference.admission():  # 429 at once when full, before the body is read
+    deadline = inference.deadline()  # from arrival: text encoding and decoding count too
+    # The body has arrived (middleware.BodyReader): admission counts only complete requests.
+    with inference.admission():  # 429 at once when full, before the body is parsed
         files, fields = await _body(request, inference.max_images)
         req = ClassifyRequest.model_validate({"images": [], **fields})
         items: list[str | bytes] = [*req.images, *files]
         inference.check_count(len(items))
         targets = await inference.targets(
-            req.checkpoint, req.checkpoints, req.classnames, req.templates
+            req.checkpoint, req.checkpoints, req.classnames, req.templates, deadline
         )
-        results = await inference.classify(items, targets, req.top_k)
+        results = await inference.classify(items, targets, req.top_k, deadline)
     services.metrics.latency.labels("classify").observe(time.perf_counter() - start)
     return {"results": results}
 

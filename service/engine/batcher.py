@@ -122,6 +122,13 @@ class Batcher(QueueWorker[_Request]):
                 with contextlib.suppress(ValueError):
                     self._queue.remove(request)
 
+    async def run_on_worker(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the model's one worker thread, between batches (other model work, such as
+        ad-hoc text encoding, then never contends with the encoder for the cores)."""
+        if self._closing or self._executor is None:
+            raise NotReady("shutting down" if self._closing else "batcher not started")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     async def _collect(self) -> None:
         while (batch := await self._gather()) is not None:
             if batch:

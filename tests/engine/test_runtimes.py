@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import onnxruntime as ort
@@ -120,9 +121,11 @@ def test_adhoc_zeroshot_classes_through_the_onnx_text_tower(backbone, classnames
 
     rt = OnnxRuntime(backbone, onnx_cache)
     templates = ["a photo of a {}.", "a sketch of the {}."]
-    ref = ZeroShotCache(backbone).plan(classnames, templates)
+    ref = asyncio.run(ZeroShotCache(backbone).plan(classnames, templates))
     calls = backbone.text_calls
-    got = ZeroShotCache(backbone, text_encoder=rt.encode_text_ids).plan(classnames, templates)
+    got = asyncio.run(
+        ZeroShotCache(backbone, text_encoder=rt.encode_text_ids).plan(classnames, templates)
+    )
     assert backbone.text_calls == calls  # eager torch's text tower was not used
     assert got.labels == ref.labels
     assert (got.classes - ref.classes).abs().max() <= 1e-4
