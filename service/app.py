@@ -191,6 +191,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
         timeout_s=settings.body_timeout_s,
         idle_timeout_s=settings.body_idle_timeout_s,
         on_disconnect=services.metrics.disconnects.inc,
+        receiving=services.metrics.receiving.inc,
     )
     app.add_middleware(RequestLog)  # inside RequestId: it reads the id RequestId chose
     app.add_middleware(RequestId)

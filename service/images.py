@@ -134,26 +134,36 @@ def header_pixels(data: bytes, limits: ImageLimits) -> int:
 
 
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Decode allow-listed image bytes into a fully loaded RGB image, within `limits`."""
-    with _open(data, limits) as img:
-        try:
-            # Animated WebP/PNG: open() leaves the first frame current and load() decodes only
-            # that one, so we classify the first frame.
-            img.load()
-            return _to_rgb(_upright(img))
-        except PromptServeError:
-            raise
-        except Exception as err:  # truncated or corrupt data; never leak a Pillow exception
-            raise InvalidImage(
-                f"image data is truncated or corrupt ({type(err).__name__}: {err})"
-            ) from None
+    """Decode allow-listed image bytes into a fully loaded RGB image, within `limits`.
+
+    At most one full-size copy of the pixels is made (a colour conversion, when needed): the
+    EXIF rotation is applied in place and an RGB image is returned as decoded.
+    """
+    img = _open(data, limits)
+    try:
+        # Animated WebP/PNG: open() leaves the first frame current and load() decodes only
+        # that one, so we classify the first frame.
+        img.load()
+        _upright(img)
+        rgb = _to_rgb(img)
+    except PromptServeError:
+        img.close()
+        raise
+    except Exception as err:  # truncated or corrupt data; never leak a Pillow exception
+        img.close()
+        raise InvalidImage(
+            f"image data is truncated or corrupt ({type(err).__name__}: {err})"
+        ) from None
+    if rgb is not img:
+        img.close()
+    return rgb
 
 
 class PixelBudget:
     """Decoded pixels alive at once in this process, across requests and decode threads.
 
-    A full-size image costs about 11 bytes per pixel at its peak (the RGB buffer, the EXIF
-    transpose and colour conversion copies, the resize's input); the budget bounds what
+    A decoded image costs about 4 bytes per pixel (Pillow keeps RGB as 32-bit pixels; a colour
+    conversion, when the file is not RGB, briefly doubles that); the budget bounds what
     concurrent decodes can hold together. Exhausted, it refuses at once (429, Retry-After)
     instead of queueing memory.
     """
@@ -240,12 +250,11 @@ def _looks_like(data: bytes, formats: tuple[str, ...]) -> bool:
     return False
 
 
-def _upright(img: Image.Image) -> Image.Image:
+def _upright(img: Image.Image) -> None:
+    """Apply the EXIF orientation in place (no copy of the pixels when there is none)."""
     # A malformed EXIF block should not cost the user a decodable image: keep it as stored.
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:
-        return img
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(img, in_place=True)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -258,4 +267,4 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")

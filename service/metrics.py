@@ -76,4 +76,9 @@ class Metrics:
             "clients that hung up before their request was answered (not errors of ours)",
             registry=self.registry,
         )
+        self.receiving = Gauge(
+            "promptserve_requests_receiving",
+            "requests whose body is still arriving (not yet admitted; many: slow clients)",
+            registry=self.registry,
+        )
         self.registry.register(_ResidencyCollector(residency))

@@ -44,10 +44,12 @@ class BodyReader:
         timeout_s: float = 60.0,
         idle_timeout_s: float = 10.0,
         on_disconnect: Callable[[], None] | None = None,
+        receiving: Callable[[float], None] | None = None,
     ) -> None:
         self.app, self.limit = app, limit
         self.timeout_s, self.idle_timeout_s = timeout_s, idle_timeout_s
         self.on_disconnect = on_disconnect
+        self.receiving = receiving or (lambda delta: None)  # bodies being received (a gauge)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,7 +66,11 @@ class BodyReader:
         if length is None and b"transfer-encoding" not in headers:
             await self.app(scope, receive, send)  # no body (GET, DELETE, ...)
             return
-        body = await self._read(scope, receive, send)
+        self.receiving(1)
+        try:
+            body = await self._read(scope, receive, send)
+        finally:
+            self.receiving(-1)
         if body is None:
             return
         replayed = False
