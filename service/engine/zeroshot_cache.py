@@ -5,8 +5,9 @@ is real work (1,000 classes x 20 templates is 20,000 text-tower passes), so it i
 image work is:
 - admission: the prompts being encoded at once are capped (`max_texts`); a request that would
   exceed the cap is refused at once (429), its cost being classes x templates;
-- the deadline: it runs under the request's deadline (set at arrival), checked before every
-  chunk, so a request whose time is up stops costing anything (504);
+- the deadline: it runs under the request's deadline (set at arrival): refused at once (504)
+  when its cost at the measured rate could not fit, and checked before every chunk, so a
+  request whose time is up stops costing anything;
 - fairness: it runs in chunks sized to take about `CHUNK_SECONDS` (from the measured cost per
   prompt) on the model's one worker thread, after the image batches waiting there, one chunk at
   a time across all ad-hoc requests (`_lane`): an image request waits behind at most one chunk,
@@ -93,6 +94,14 @@ class ZeroShotCache:
                 f"server busy encoding ad-hoc class names ({self.pending} prompts in flight; this "
                 f"request needs {cost}); retry with backoff, or upload a checkpoint"
             )
+        if deadline is not None and self.seconds_per_prompt is not None:
+            estimate = cost * self.seconds_per_prompt
+            if time.monotonic() + estimate > deadline:  # refuse before spending anything
+                raise DeadlineExceeded(
+                    f"{cost} ad-hoc prompts ({len(key[0])} classes x {len(key[1])} templates) "
+                    f"would take about {estimate:.0f} s to encode, past this request's deadline; "
+                    "send fewer classes or templates, or upload a checkpoint"
+                )
         self.misses += 1
         self.pending += cost
         future: asyncio.Future[Plan] = asyncio.get_running_loop().create_future()

@@ -115,3 +115,18 @@ def test_chunks_are_sized_to_a_time_budget_from_the_measured_rate(backbone):
     assert cache.chunk_size() == 1
     cache.seconds_per_prompt = 1e-9
     assert cache.chunk_size() == zeroshot_cache.MAX_CHUNK
+
+
+def test_a_request_that_cannot_fit_its_deadline_is_refused_before_any_work(backbone):
+    calls = []
+
+    async def run(fn):
+        calls.append(1)
+        return fn()
+
+    cache = ZeroShotCache(backbone, run=run)
+    cache.seconds_per_prompt = 0.5  # as measured on a slow text tower
+    names = [f"c{i}" for i in range(100)]  # 200 prompts: about 100 s of work
+    with pytest.raises(errors.DeadlineExceeded) as exc:
+        asyncio.run(cache.plan(names, TEMPLATES, deadline=time.monotonic() + 30))
+    assert "about 100 s" in exc.value.message and calls == [] and cache.pending == 0
