@@ -13,7 +13,8 @@ every opcode that could run code is ours:
   two checked wrappers that rebuild tensors from the archive's storages. Any other global is
   refused with an error that names it, before anything is imported or called.
 - REDUCE, NEWOBJ and BUILD call only those objects, and BUILD only our placeholders' own
-  `__setstate__` (which stores the state and interprets nothing). INST, OBJ, NEWOBJ_EX and the
+  `__setstate__` (which stores the state and interprets nothing). Items are added only to plain
+  dicts, lists and sets (never through a tensor's `__setitem__`). INST, OBJ, NEWOBJ_EX and the
   extension-registry opcodes are refused. So no constructor, `__setstate__` or `__reduce__` of any
   class from the file ever runs: the SGD and the scheduler come back as inert records.
 This needs the pure-Python `pickle._Unpickler`: the C unpickler's dispatch cannot be overridden.
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from service.errors import MalformedCheckpoint
+from service.errors import InvalidContent, MalformedCheckpoint
 
 MAX_ARCHIVE_BYTES = 16 * 2**30  # declared size of all members; a ViT-L whole model is ~1 GiB
 MAX_MEMBERS = 100_000
@@ -143,6 +144,7 @@ class RestrictedUnpickler(pickle._Unpickler):
     # the pure-Python unpickler's working state (not in typeshed's stubs)
     stack: list[Any]
     append: Callable[[Any], None]
+    pop_mark: Callable[[], list[Any]]
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{_MODULE_ALIASES.get(module, module)}.{name}"
@@ -175,6 +177,36 @@ class RestrictedUnpickler(pickle._Unpickler):
         else:
             self._refuse(f"BUILD on a {type(inst).__name__}")
 
+    def _container(self, kind: type) -> Any:
+        # items go only into plain containers: never a tensor's or a storage's __setitem__
+        target = self.stack[-1]
+        if not isinstance(target, kind):
+            self._refuse(f"items added to a {type(target).__name__}")
+        return target
+
+    def load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._container(dict)[key] = value
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        target = self._container(dict)
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def load_append(self) -> None:
+        value = self.stack.pop()
+        self._container(list).append(value)
+
+    def load_appends(self) -> None:
+        items = self.pop_mark()
+        self._container(list).extend(items)
+
+    def load_additems(self) -> None:
+        items = self.pop_mark()
+        self._container(set).update(items)
+
     def load_refused(self) -> None:
         self._refuse("an opcode that instantiates or looks up classes by other means")
 
@@ -183,6 +215,11 @@ RestrictedUnpickler.dispatch |= {
     pickle.REDUCE[0]: RestrictedUnpickler.load_reduce,
     pickle.NEWOBJ[0]: RestrictedUnpickler.load_newobj,
     pickle.BUILD[0]: RestrictedUnpickler.load_build,
+    pickle.SETITEM[0]: RestrictedUnpickler.load_setitem,
+    pickle.SETITEMS[0]: RestrictedUnpickler.load_setitems,
+    pickle.APPEND[0]: RestrictedUnpickler.load_append,
+    pickle.APPENDS[0]: RestrictedUnpickler.load_appends,
+    pickle.ADDITEMS[0]: RestrictedUnpickler.load_additems,
     **{
         op[0]: RestrictedUnpickler.load_refused
         for op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2, pickle.EXT4)
@@ -195,7 +232,12 @@ PICKLE_MODULE = types.SimpleNamespace(__name__=__name__, Unpickler=RestrictedUnp
 
 def check_archive(path: Path) -> None:
     """Refuse anything but a torch zip archive with plain, contained member names."""
-    if not zipfile.is_zipfile(path):
+    if not path.is_file():
+        raise InvalidContent(f"{path} does not exist or is not a file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    # torch.load decides by the first bytes, zipfile by the end: both must say "zip"
+    if magic != b"PK\x03\x04" or not zipfile.is_zipfile(path):
         raise MalformedCheckpoint(
             f"{path} is not a torch zip archive (torch >= 1.6 writes one); older pickle-format "
             "files are not read: re-save it with a current torch in an environment you trust"

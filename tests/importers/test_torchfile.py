@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from service.errors import MalformedCheckpoint
+from service.cli import main
+from service.errors import InvalidContent, MalformedCheckpoint
 from service.importers.dassl import read_checkpoint
 from service.importers.torchfile import Inert, RestrictedUnpickler, read_torch_file
 from tests.importers.dassl_files import save_dassl
@@ -111,6 +112,9 @@ def test_build_on_anything_but_a_placeholder_is_refused():
     build_on_list = b"(lp0\n(dp1\nb."  # BUILD on a list
     with pytest.raises(pickle.UnpicklingError, match="BUILD on a list"):
         RestrictedUnpickler(io.BytesIO(build_on_list)).load()
+    for payload in (b"]S'a'\nK\x01s.", b"}K\x01a.", b"}(K\x01e."):  # items into the wrong type
+        with pytest.raises(pickle.UnpicklingError, match="items added to a"):
+            RestrictedUnpickler(io.BytesIO(payload)).load()
     inst = b"(ibuiltins\ndict\n."  # INST: class lookup + call outside REDUCE
     with pytest.raises(pickle.UnpicklingError, match="opcode"):
         RestrictedUnpickler(io.BytesIO(inst)).load()
@@ -149,7 +153,21 @@ def test_archives_torch_does_not_write_are_refused(tmp_path):
     torch.save({"ctx": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
     with pytest.raises(MalformedCheckpoint, match="not a torch zip archive"):
         read_torch_file(legacy)
+    with pytest.raises(InvalidContent, match="does not exist"):
+        read_torch_file(tmp_path / "missing.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x80\x02not a checkpoint")
     with pytest.raises(MalformedCheckpoint):
         read_torch_file(garbage)
+
+
+def test_promptserve_import_refuses_it_cleanly(backbone, classnames, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pth.tar-1"
+    torch.save({"state_dict": {"ctx": torch.zeros(2, 48)}, "epoch": _Evil(marker)}, path)
+    (tmp_path / "classes.txt").write_text("\n".join(classnames))
+    monkeypatch.setattr("service.cli.load_backbone", lambda settings: backbone)
+    argv = ["import", str(path), "--name", "x", "--classnames", str(tmp_path / "classes.txt")]
+    assert main([*argv, "--out", str(tmp_path / "x.safetensors"), "--pretrained", "none"]) == 2
+    assert "malformed_checkpoint" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "x.safetensors").exists()
