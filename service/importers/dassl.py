@@ -21,7 +21,13 @@ from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
 from service.checkpoints import Checkpoint, dump, load, new_manifest
-from service.errors import InvalidContent, MalformedCheckpoint, MissingTensor, ShapeMismatch
+from service.errors import (
+    ExtraTensor,
+    InvalidContent,
+    MalformedCheckpoint,
+    MissingTensor,
+    ShapeMismatch,
+)
 from service.importers.frozen import check_frozen
 from service.importers.layouts import DEEP, choose_method
 from service.importers.layouts import detect_method as detect_method
@@ -130,10 +136,15 @@ def _maple(state: Mapping[str, Tensor], ctx_init: str | None) -> Converted:
         "proj.bias": _take(state, pre + "proj.bias"),
     }
     depth = 1 + sum(1 for k in state if k.startswith(pre + "compound_prompts_text."))
+    deeper = range(depth - 1)
+    proj = [f"{pre}compound_prompt_projections.{i}" for i in deeper]
+    expected = {f"{pre}compound_prompts_text.{i}" for i in deeper}
+    expected |= {p + suffix for p in proj for suffix in (".weight", ".bias")}
+    unused = sorted(k for k in state if k.startswith(pre + "compound_prompt") and k not in expected)
+    if unused:
+        raise ExtraTensor(f"maple prompts beyond its {depth} layers: {', '.join(unused)}")
     if depth > 1:
-        deeper = range(depth - 1)
         text = [_take(state, f"{pre}compound_prompts_text.{i}") for i in deeper]
-        proj = [f"{pre}compound_prompt_projections.{i}" for i in deeper]
         params["deep_text"] = torch.stack(text)
         params["deep_proj.weight"] = torch.stack([_take(state, p + ".weight") for p in proj])
         params["deep_proj.bias"] = torch.stack([_take(state, p + ".bias") for p in proj])

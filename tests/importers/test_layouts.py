@@ -121,3 +121,16 @@ def test_coop_class_token_position(path, given, position):
 def test_coop_class_token_position_contradicting_the_run_directory():
     with pytest.raises(InvalidContent, match="ctpmiddle"):
         coop_class_position("nctx16_cscFalse_ctpmiddle/seed1/m.pth", "end")
+
+
+def test_maple_prompts_beyond_its_depth_are_not_dropped():
+    from service.importers.dassl import convert
+
+    state = dict.fromkeys(MAPLE, torch.zeros(2, 4))
+    state["prompt_learner.compound_prompt_projections.3.weight"] = torch.zeros(4, 4)
+    with pytest.raises(ExtraTensor, match=r"compound_prompt_projections\.3\.weight"):
+        convert(state, "maple")
+    del state["prompt_learner.compound_prompts_text.0"]
+    state["prompt_learner.compound_prompts_text.1"] = torch.zeros(2, 4)
+    with pytest.raises(ExtraTensor, match=r"compound_prompts_text\.1"):  # not on layers 0..N-1
+        convert(state, "maple")
