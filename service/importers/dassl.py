@@ -56,7 +56,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], object]:
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise MalformedCheckpoint(f"{path}: state dict entry {key!r} is not a named tensor")
-        out[key.removeprefix("module.")] = value
+        name = key.removeprefix("module.")  # DataParallel's prefix, if Dassl left it
+        if name in out:
+            raise MalformedCheckpoint(f"{path} holds {name!r} both with and without 'module.'")
+        out[name] = value
     return out, epoch
 
 
@@ -210,7 +213,10 @@ def coop_class_position(src: str | Path, given: str | None) -> str:
                 f"--class-token-position {given}, but the run directory says ctp{found.pop()}"
             )
         return given
-    if len(found) == 1:
+    if len(found) > 1:
+        raise InvalidContent(f"the run directories say ctp{' and ctp'.join(sorted(found))}: pass "
+                             "--class-token-position")  # fmt: skip
+    if found:
         position = found.pop()
         log.info("class token position %r, from the run directory's name", position)
         return position
