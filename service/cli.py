@@ -353,7 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the run's CTX_INIT (default: none for CoOp/CoCoOp, 'a photo of a' otherwise)",
     )
-    p.add_argument("--class-token-position", default="end", choices=["end", "middle", "front"])
+    p.add_argument(
+        "--class-token-position",
+        choices=["end", "middle", "front"],
+        help="CoOp's CLASS_TOKEN_POSITION (default: the run directory's ctp..., else end)",
+    )
     p.add_argument("--out", help="output .safetensors (default NAME.safetensors)")
     _backbone_flags(p)
     p.set_defaults(func=cmd_import)
