@@ -29,6 +29,7 @@ from service.backbones.clip import ClipBackbone, load_clip
 from service.backbones.llava import LlavaBackbone, load_llava
 from service.engine.batcher import Batcher
 from service.engine.forward import encode
+from service.engine.gpu_images import select_image_decode
 from service.engine.inference import Inference
 from service.engine.residency import Residency
 from service.engine.runtimes.select import describe as describe_runtime
@@ -106,6 +107,8 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             max_batch=settings.max_batch_size,
         )
         log.info("runtime %s: %s", runtime.name, reason)
+        gpu_images, decode_reason = select_image_decode(settings.image_decode, bb)
+        log.info("image decode: %s", decode_reason)
         # CUDA graphs are captured (ONNX graphs exported/loaded) here, before /readyz says ready.
         await asyncio.to_thread(getattr(runtime, "warm_up", lambda: None))
         batcher = Batcher(
@@ -135,6 +138,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             max_batch=settings.max_batch_size,
             max_admitted=settings.max_queue + settings.max_batch_size,
             max_queue_wait_s=settings.max_queue_wait_s,
+            gpu_images=gpu_images,
         )
         await _warm_up(bb, batcher)
         services.status = {
@@ -143,6 +147,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             "device": str(bb.device),
             "fingerprint": bb.fingerprint,
             **describe_runtime(runtime, reason),
+            "image_decode": decode_reason,
         }
         services.ready = True
         log.info(

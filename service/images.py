@@ -83,6 +83,24 @@ def decode_base64(text: str, limits: ImageLimits) -> bytes:
 
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decode allow-listed image bytes into a fully loaded RGB image, within `limits`."""
+    img = open_header(data, limits)
+    with img:
+        try:
+            # Animated WebP/PNG: open() leaves the first frame current and load() decodes only
+            # that one, so we classify the first frame.
+            img.load()
+            return _to_rgb(_upright(img))
+        except PromptServeError:
+            raise
+        except Exception as err:  # truncated or corrupt data; never leak a Pillow exception
+            raise InvalidImage(
+                f"image data is truncated or corrupt ({type(err).__name__}: {err})"
+            ) from None
+
+
+def open_header(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Every check that needs no pixel decoded (bytes, allowed format, header, pixel count);
+    returns the opened, not yet loaded image (the caller closes it)."""
     # A global set elsewhere would make truncated uploads decode as grey padding: refuse loudly.
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False in this service")
@@ -109,27 +127,23 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
         ) from None
     except Exception as err:
         raise InvalidImage(f"image could not be read ({type(err).__name__})") from None
-    with img:
-        width, height = img.size
-        if width <= 0 or height <= 0:
-            raise InvalidImage(f"image header claims an empty size {width}x{height}")
-        pixel_cap = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
-        if width * height > pixel_cap:
-            raise ImageTooLarge(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{pixel_cap}; downscale it before sending"
-            )
-        try:
-            # Animated WebP/PNG: open() leaves the first frame current and load() decodes only
-            # that one, so we classify the first frame.
-            img.load()
-            return _to_rgb(_upright(img))
-        except PromptServeError:
-            raise
-        except Exception as err:  # truncated or corrupt data; never leak a Pillow exception
-            raise InvalidImage(
-                f"image data is truncated or corrupt ({type(err).__name__}: {err})"
-            ) from None
+    try:
+        _check_pixels(*img.size, limits)
+    except PromptServeError:
+        img.close()
+        raise
+    return img
+
+
+def _check_pixels(width: int, height: int, limits: ImageLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"image header claims an empty size {width}x{height}")
+    pixel_cap = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+    if width * height > pixel_cap:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{pixel_cap}; downscale it before sending"
+        )
 
 
 def to_batch(

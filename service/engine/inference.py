@@ -21,6 +21,7 @@ from torch import Tensor
 from service import errors
 from service.backbones.clip import ClipBackbone
 from service.engine.batcher import Batcher
+from service.engine.gpu_images import GpuImages
 from service.engine.residency import Residency
 from service.engine.zeroshot_cache import ZeroShotCache
 from service.images import ImageLimits, decode_base64, open_image, to_batch
@@ -66,6 +67,8 @@ class Inference:
     # compute (admitted x the batcher's measured seconds per request), so accepted requests
     # wait about this long at most whatever the model's speed. 0: off.
     max_queue_wait_s: float = 0.0
+    # PROMPTSERVE_IMAGE_DECODE: decode and preprocess on the backbone's device (None: on the CPU).
+    gpu_images: GpuImages | None = None
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:
@@ -98,6 +101,8 @@ class Inference:
     def decode(self, items: Sequence[str | bytes]) -> Tensor:
         """Base64 strings or raw bytes -> preprocessed batch (run in a worker thread)."""
         self.check_count(len(items))
+        if self.gpu_images is not None:
+            return self.gpu_images.decode(items, self.limits)
         images = []
         for item in items:
             data = decode_base64(item, self.limits) if isinstance(item, str) else item
