@@ -30,6 +30,7 @@ from service.backbones.clip import ClipBackbone, load_clip
 from service.backbones.llava import LlavaBackbone, load_llava
 from service.engine.batcher import Batcher
 from service.engine.forward import encode
+from service.engine.gpu_images import select_image_decode
 from service.engine.inference import Inference
 from service.engine.residency import Residency
 from service.engine.runtimes.select import describe as describe_runtime
@@ -63,6 +64,12 @@ def load_backbone(settings: Settings) -> ClipBackbone:
         precision=settings.precision,
         cache_dir=settings.cache_dir,
     )
+
+
+def _side(backbone: ClipBackbone) -> int:
+    """The model's input side (the preprocessing's resize target)."""
+    size = backbone.visual.image_size
+    return int(size[0] if isinstance(size, tuple) else size)
 
 
 async def _warm_up(backbone: ClipBackbone, batcher: Batcher) -> None:
@@ -107,6 +114,8 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             max_batch=settings.max_batch_size,
         )
         log.info("runtime %s: %s", runtime.name, reason)
+        gpu_images, decode_reason = select_image_decode(settings.image_decode, bb)
+        log.info("image decode: %s", decode_reason)
         # CUDA graphs are captured (ONNX graphs exported/loaded) here, before /readyz says ready.
         await asyncio.to_thread(getattr(runtime, "warm_up", lambda: None))
         batcher = Batcher(
@@ -140,6 +149,8 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             max_queue_wait_s=settings.max_queue_wait_s,
             max_request_pixels=settings.max_request_pixels,
             pixels=PixelBudget(settings.max_decode_pixels),
+            gpu_images=gpu_images,
+            draft=_side(bb) if settings.jpeg_draft else None,
         )
         await _warm_up(bb, batcher)
         services.status = {
@@ -148,6 +159,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             "device": str(bb.device),
             "fingerprint": bb.fingerprint,
             **describe_runtime(runtime, reason),
+            "image_decode": decode_reason,
         }
         services.ready = True
         log.info(

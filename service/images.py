@@ -84,8 +84,9 @@ def decode_base64(text: str, limits: ImageLimits) -> bytes:
         raise InvalidBase64(f"image is not valid base64 ({err}); {_ALPHABET_HINT}") from None
 
 
-def _open(data: bytes, limits: ImageLimits) -> Image.Image:
-    """The image opened lazily (header read, no pixel decoded), every limit checked."""
+def open_header(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Every check that needs no pixel decoded (bytes, allowed format, header, pixel count);
+    returns the opened, not yet loaded image (the caller closes it)."""
     # A global set elsewhere would make truncated uploads decode as grey padding: refuse loudly.
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False in this service")
@@ -128,7 +129,7 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
 
 def header_pixels(data: bytes, limits: ImageLimits) -> int:
     """Pixels the image will decode to, from its header alone (every limit checked)."""
-    with _open(data, limits) as img:
+    with open_header(data, limits) as img:
         width, height = img.size
         return int(width * height)
 
@@ -142,7 +143,7 @@ def open_image(data: bytes, limits: ImageLimits, draft: int | None = None) -> Im
     pixels: several times faster on large photos, but not the reference preprocessing (opt-in,
     PROMPTSERVE_JPEG_DRAFT; its effect on embeddings is in docs/PERFORMANCE.md).
     """
-    img = _open(data, limits)
+    img = open_header(data, limits)
     try:
         if draft is not None and img.format == "JPEG":
             img.draft("RGB", (draft, draft))
@@ -193,6 +194,18 @@ class PixelBudget:
                 self.used -= pixels
 
 
+def request_pixels(items: Sequence[bytes], limits: ImageLimits, max_total: int) -> list[int]:
+    """Each image's pixels from its header (every limit checked), the request's total bounded
+    by `max_total` (413), before any pixel is decoded."""
+    sizes = [header_pixels(data, limits) for data in items]
+    if (total := sum(sizes)) > max_total:
+        raise ImageTooLarge(
+            f"the images of this request total {total} pixels, over the limit of "
+            f"{max_total} per request; send fewer or smaller images"
+        )
+    return sizes
+
+
 def decode_batch(
     items: Sequence[bytes],
     limits: ImageLimits,
@@ -211,12 +224,7 @@ def decode_batch(
     """
     if not items:
         raise ValueError("decode_batch needs at least one image")
-    sizes = [header_pixels(data, limits) for data in items]
-    if (total := sum(sizes)) > max_request_pixels:
-        raise ImageTooLarge(
-            f"the images of this request total {total} pixels, over the limit of "
-            f"{max_request_pixels} per request; send fewer or smaller images"
-        )
+    sizes = request_pixels(items, limits, max_request_pixels)
     out = None
     for i, (data, pixels) in enumerate(zip(items, sizes, strict=True)):
         with budget.hold(pixels) if budget is not None else contextlib.nullcontext():

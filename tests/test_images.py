@@ -509,3 +509,13 @@ def test_decoding_is_bit_identical_to_the_pipeline_before_for_every_kind(backbon
     now = decode_batch(items, LIMITS, backbone.preprocess, max_request_pixels=10**7)
     assert torch.equal(before, now)
     assert reference_rgb(items[2]).size == (40, 64)  # the turned one was turned
+
+
+def test_jpeg_draft_decodes_at_the_smallest_dct_scale_that_covers_the_model() -> None:
+    """Opt-in (PROMPTSERVE_JPEG_DRAFT): 640x480 for a 32-pixel model decodes at 1/8 (80x60,
+    both sides still >= 32); other formats and the default path are untouched."""
+    jpeg = encode(gradient((640, 480)), "JPEG")
+    assert open_image(jpeg, LIMITS).size == (640, 480)
+    assert open_image(jpeg, LIMITS, draft=32).size == (80, 60)
+    assert open_image(jpeg, LIMITS, draft=224).size == (320, 240)  # 1/4 would be 120 < 224
+    assert open_image(encode(gradient((640, 480)), "PNG"), LIMITS, draft=32).size == (640, 480)
