@@ -26,8 +26,10 @@ from prompts_store import open_store
 from service import __version__, errors
 from service.api import answer, checkpoints, classify, jobs, ops
 from service.api.deps import Services
-from service.backbones.clip import ClipBackbone, load_clip
-from service.backbones.llava import LlavaBackbone, load_llava
+from service.backbones.base import Backbone
+from service.backbones.clip import ClipBackbone
+from service.backbones.llava import LlavaBackbone
+from service.backbones.registry import load_backbone
 from service.engine.batcher import Batcher
 from service.engine.forward import encode
 from service.engine.inference import Inference
@@ -39,30 +41,11 @@ from service.images import ImageLimits, PixelBudget
 from service.logs import RequestLog, redact_url
 from service.metrics import Metrics
 from service.middleware import BodyReader, RequestId
+from service.prompts.plans import Plan
 from service.settings import Settings
 from service.training.local_jobs import jobs_for
 
 log = logging.getLogger(__name__)
-
-
-def load_backbone(settings: Settings) -> ClipBackbone:
-    """The frozen backbone the settings name (raises with the fix when weights are missing)."""
-    if settings.backbone == "llava":
-        return load_llava(  # type: ignore[return-value]  # create_app tells the two apart
-            settings.model,
-            settings.pretrained,
-            device=settings.device,
-            precision=settings.precision,
-            cache_dir=settings.cache_dir,
-        )
-    return load_clip(
-        settings.model,
-        settings.pretrained,
-        model_config=settings.model_config_path,
-        device=settings.device,
-        precision=settings.precision,
-        cache_dir=settings.cache_dir,
-    )
 
 
 async def _warm_up(backbone: ClipBackbone, batcher: Batcher) -> None:
@@ -75,7 +58,7 @@ async def _warm_up(backbone: ClipBackbone, batcher: Batcher) -> None:
     await asyncio.to_thread(backbone.text_features, ["warm up"])
 
 
-def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None = None) -> FastAPI:
+def create_app(settings: Settings, backbone: Backbone | None = None) -> FastAPI:
     """The application; `backbone` may be injected (tests) instead of loaded from settings."""
     services = Services(settings=settings, metrics=Metrics(lambda: services.residency))
 
@@ -88,11 +71,13 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             async with llava_lifespan(app, services, bb):
                 yield
             return
+        assert isinstance(bb, ClipBackbone)
         store = open_store(settings.store)
         services.jobs = jobs_for(settings)
         residency = Residency(
             store,
             bb,
+            Plan,
             device_budget=settings.device_budget_mib * 2**20,
             host_budget=settings.host_budget_mib * 2**20,
             max_checkpoint_bytes=settings.max_checkpoint_bytes,

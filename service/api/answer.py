@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import errors
 from service.api.deps import ReadAuth
-from service.generative.service import Detokenizer, Generation, Prepared, user_message
+from service.engine.answering import Detokenizer, Generation, Prepared, user_message
 from service.schemas import ErrorResponse
 
 router = APIRouter(tags=["generation"])

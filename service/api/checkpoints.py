@@ -11,8 +11,8 @@ from starlette.datastructures import UploadFile
 from service import errors
 from service.api.classify import ERRORS
 from service.api.deps import AdminAuth, ReadAuth, Services, ServicesDep
-from service.engine.publish import publish
-from service.engine.store_errors import store_errors
+from service.checkpoints.publish import publish
+from service.checkpoints.store_errors import store_errors
 from service.schemas import (
     ActivateRequest,
     ActivateResponse,
@@ -86,7 +86,7 @@ async def upload(request: Request, services: ServicesDep, _: AdminAuth) -> dict[
     published = await asyncio.to_thread(
         publish,
         store,
-        services.backbone,  # type: ignore[arg-type]  # validation accepts a LLaVA backbone too
+        services.backbone,
         data,
         activate=activate,
         max_bytes=services.settings.max_checkpoint_bytes,

@@ -31,11 +31,12 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from service.backbones.base import Capability
 from service.backbones.clip import PRECISIONS, fingerprint_state
 from service.errors import BackboneError, BadRequest, WeightsUnavailable
 
@@ -100,7 +101,9 @@ def _text_prompt_hook(index: int) -> Any:
 class LlavaBackbone:
     """One frozen LlavaForConditionalGeneration with its processor and fingerprint."""
 
-    kind = "llava"
+    kind: ClassVar[str] = "llava"
+    title: ClassVar[str] = "LLaVA"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"answer"})
 
     def __init__(
         self,
@@ -144,6 +147,16 @@ class LlavaBackbone:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         for i, layer in enumerate(self.lm.layers):
             layer.register_forward_pre_hook(_text_prompt_hook(i), with_kwargs=True)
+
+    def describe(self) -> dict[str, str]:
+        """What /readyz and the start-up log say about the backbone."""
+        return {
+            "backbone": self.model_name,
+            "kind": self.kind,
+            "pretrained": self.pretrained,
+            "device": str(self.device),
+            "fingerprint": self.fingerprint,
+        }
 
     # --- dimensions the M²PT parameters are declared against -----------------------------------
     @property

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
 from service.engine.runtimes.base import Runtime
-from service.prompts.base import Plan, Signature
+from service.prompts.plans import Plan, Signature
 
 
 def group_by_signature(plans: Sequence[Plan]) -> dict[Signature, list[int]]:
@@ -28,7 +28,13 @@ def group_by_signature(plans: Sequence[Plan]) -> dict[Signature, list[int]]:
 
 
 def gather_prompts(plans: Sequence[Plan]) -> tuple[Tensor | None, Tensor | None]:
-    """Per-sample tokens `[B, L, n, d]` and biases `[B, Lmax, d]` of plans of one signature."""
+    """Per-sample tokens `[B, L, n, d]` and biases `[B, Lmax, d]` of plans of one signature; the
+    plan's own `[L, n, d]` / `[L, d]` when every row holds the same ones (the common case: one
+    checkpoint per batch), which the forward and the runtimes broadcast instead of copying."""
+    first = plans[0]
+    if all(p.vision_tokens is first.vision_tokens and p.vision_bias is first.vision_bias
+           for p in plans):  # fmt: skip
+        return first.vision_tokens, first.vision_bias
     tokens = None
     if plans[0].vision_tokens is not None:
         tokens = torch.stack([p.vision_tokens for p in plans])  # type: ignore[misc]

@@ -24,7 +24,7 @@ from service.engine.batcher import Batcher
 from service.engine.residency import Residency
 from service.engine.zeroshot_cache import ZeroShotCache
 from service.images import ImageLimits, PixelBudget, decode_base64, decode_batch
-from service.prompts.base import Plan
+from service.prompts.plans import Plan
 
 
 @dataclass(frozen=True)

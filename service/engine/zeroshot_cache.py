@@ -28,7 +28,8 @@ from torch import Tensor
 from service.backbones.clip import ClipBackbone
 from service.checkpoints import check_classnames, check_templates
 from service.errors import DeadlineExceeded, InvalidClassnames, Overloaded
-from service.prompts.base import DEFAULT_TEMPLATES, Plan, ensemble, template_prompts
+from service.prompts.base import DEFAULT_TEMPLATES, ensemble, template_prompts
+from service.prompts.plans import Plan
 
 CHUNK = 64  # prompts per text-tower call: an image batch waits behind at most one of these
 Key = tuple[tuple[str, ...], tuple[str, ...]]

@@ -14,11 +14,11 @@ from typing import Any
 from prompts_store import open_store
 from service.api.deps import Services
 from service.backbones.llava import LlavaBackbone
+from service.engine.answering import Generation, user_message
+from service.engine.generation import GenerationEngine, Sampling
 from service.engine.residency import Residency
-from service.generative.engine import GenerationEngine, Sampling
-from service.generative.m2pt import PLAIN_GEN_PLAN
-from service.generative.service import Generation, user_message
 from service.images import ImageLimits
+from service.prompts.m2pt import PLAIN_ANSWER_PLAN, AnswerPlan
 from service.training.local_jobs import jobs_for
 
 
@@ -28,9 +28,10 @@ async def llava_lifespan(app: Any, services: Services, bb: LlavaBackbone) -> Asy
     settings = services.settings
     store = open_store(settings.store)
     services.jobs = jobs_for(settings)  # M²PT jobs: RQ workers or our own child process
-    residency: Any = Residency(
+    residency = Residency(
         store,
-        bb,  # type: ignore[arg-type]  # residency needs only .device and checkpoint validation
+        bb,
+        AnswerPlan,
         device_budget=settings.device_budget_mib * 2**20,
         host_budget=settings.host_budget_mib * 2**20,
         max_checkpoint_bytes=settings.max_checkpoint_bytes,
@@ -58,7 +59,7 @@ async def llava_lifespan(app: Any, services: Services, bb: LlavaBackbone) -> Asy
     services.backbone, services.store, services.residency = bb, store, residency
     # one token through the whole path, so the first request does not pay for allocation
     ids = bb.encode_chat(user_message("warm up", False), 0)
-    await engine.complete(ids, None, PLAIN_GEN_PLAN, Sampling(max_new_tokens=1))
+    await engine.complete(ids, None, PLAIN_ANSWER_PLAN, Sampling(max_new_tokens=1))
     services.status = {
         "backbone": bb.model_name,
         "kind": "llava",

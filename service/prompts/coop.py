@@ -8,7 +8,7 @@ published ones: 16 context tokens, unified, class token at the end, random init.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -16,8 +16,6 @@ from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
 from service.prompts.base import (
-    MethodConfig,
-    Params,
     PromptMethod,
     context_size,
     ctx_prefix,
@@ -27,6 +25,8 @@ from service.prompts.base import (
     prompt_text,
     readable,
 )
+from service.prompts.method import MethodConfig, Params
+from service.prompts.recipe import Recipe
 
 
 class CoOpConfig(MethodConfig):
@@ -70,19 +70,20 @@ def context_prompts(
     return normalize(feats)
 
 
-class CoOp(PromptMethod):
+class CoOp(PromptMethod[CoOpConfig]):
     name = "coop"
     Config = CoOpConfig
+    recipe = Recipe(lr=0.002, epochs=50, batch_size=32)
     source = "Zhou et al., Learning to Prompt for Vision-Language Models (IJCV 2022)"
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: CoOpConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         n, d = context_size(cfg), backbone.text_width
         return {"ctx": (len(classnames), n, d) if cfg.csc else (n, d)}
 
     def init(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+        self, backbone: ClipBackbone, cfg: CoOpConfig, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         params = super().init(backbone, cfg, classnames, seed)
         if cfg.ctx_init:
@@ -94,7 +95,7 @@ class CoOp(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: CoOpConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:

@@ -12,15 +12,15 @@ VPT-deep keeps the text side hand-crafted ("a photo of a {}.").
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
 from service.prompts.base import (
-    MethodConfig,
-    Params,
+    ClassifyObjective,
     PromptMethod,
     ctx_prefix,
     normalize,
@@ -28,6 +28,10 @@ from service.prompts.base import (
     prompt_text,
     template_embeddings,
 )
+from service.prompts.losses import promptsrc_regularizers
+from service.prompts.method import MethodConfig, Params
+from service.prompts.recipe import Recipe
+from service.prompts.zeroshot import TEMPLATE_SETS
 
 
 class VPTConfig(MethodConfig):
@@ -35,22 +39,23 @@ class VPTConfig(MethodConfig):
     depth_vision: int = Field(default=12, ge=1, le=64)
 
 
-class VPTDeep(PromptMethod):
+class VPTDeep(PromptMethod[VPTConfig]):
     name = "vpt"
     Config = VPTConfig
+    recipe = Recipe(lr=0.0025, epochs=5, batch_size=4)
     source = "Jia et al., Visual Prompt Tuning (ECCV 2022); layout of multimodal-prompt-learning"
 
-    def _depth(self, backbone: ClipBackbone, cfg: Any) -> int:
+    def _depth(self, backbone: ClipBackbone, cfg: VPTConfig) -> int:
         # The published default (12) means "every layer" of ViT-B; smaller backbones clamp.
         return min(int(cfg.depth_vision), backbone.vision_layers)
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: VPTConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         return {"vision_ctx": (self._depth(backbone, cfg), cfg.n_ctx_vision, backbone.vision_width)}
 
     def vision_prompts(
-        self, params: Params, backbone: ClipBackbone, cfg: Any
+        self, params: Params, backbone: ClipBackbone, cfg: VPTConfig
     ) -> tuple[Tensor | None, Tensor | None]:
         return params["vision_ctx"], None
 
@@ -58,7 +63,7 @@ class VPTDeep(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: VPTConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:
@@ -73,19 +78,20 @@ class IVLPConfig(MethodConfig):
     ctx_init: str = Field(default="a photo of a", max_length=200)
 
 
-class IVLP(PromptMethod):
+class IVLP(PromptMethod[IVLPConfig]):
     name = "ivlp"
     Config = IVLPConfig
+    recipe = Recipe(lr=0.0035, epochs=5, batch_size=4)
     source = "Khattak et al., MaPLe (CVPR 2023) baseline IVLP; multimodal-prompt-learning"
 
-    def _depths(self, backbone: ClipBackbone, cfg: Any) -> tuple[int, int]:
+    def _depths(self, backbone: ClipBackbone, cfg: IVLPConfig) -> tuple[int, int]:
         return (
             min(int(cfg.depth_vision), backbone.vision_layers),
             min(int(cfg.depth_text), backbone.text_layers),
         )
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: IVLPConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         dv, dt = self._depths(backbone, cfg)
         return {
@@ -94,7 +100,7 @@ class IVLP(PromptMethod):
         }
 
     def init(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+        self, backbone: ClipBackbone, cfg: IVLPConfig, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         params = super().init(backbone, cfg, classnames, seed)
         # The reference initializes the layer-0 text context from the phrase when n <= 4.
@@ -103,7 +109,7 @@ class IVLP(PromptMethod):
         return params
 
     def vision_prompts(
-        self, params: Params, backbone: ClipBackbone, cfg: Any
+        self, params: Params, backbone: ClipBackbone, cfg: IVLPConfig
     ) -> tuple[Tensor | None, Tensor | None]:
         return params["vision_ctx"], None
 
@@ -111,7 +117,7 @@ class IVLP(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: IVLPConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:
@@ -136,4 +142,50 @@ class PromptSRC(IVLP):
 
     name = "promptsrc"
     Config = PromptSRCConfig
+    recipe = Recipe(
+        lr=0.0025, epochs=20, batch_size=4, text_loss_weight=25.0, image_loss_weight=10.0,
+        gpa_mean=15.0, gpa_std=1.0,
+    )  # fmt: skip
     source = "Khattak et al., Self-regulating Prompts (ICCV 2023); muzairkhattak/PromptSRC"
+
+    def objective(
+        self,
+        backbone: ClipBackbone,
+        cfg: IVLPConfig,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        recipe: Recipe,
+        seed: int,
+    ) -> ClassifyObjective[IVLPConfig]:
+        """Cross-entropy plus the self-regularization against the frozen model."""
+        return SelfRegulating(self, backbone, cfg, classnames, templates, recipe, seed)
+
+
+class SelfRegulating(ClassifyObjective[IVLPConfig]):
+    """PromptSRC's loss: cross-entropy + L1 of text and image features to the frozen model's
+    (`text_loss_weight`, `image_loss_weight`) + KL of the logits to the frozen model's. The
+    frozen text side is CLIP's 80-template ensemble unless the run names several templates."""
+
+    _frozen_text: Tensor | None = None
+
+    def frozen_text(self) -> Tensor:
+        if self._frozen_text is None:
+            with torch.no_grad():
+                templates = (
+                    self.templates if len(self.templates) > 1 else TEMPLATE_SETS["imagenet80"]
+                )
+                self._frozen_text = template_embeddings(self.bb, self.classnames, templates)
+        return self._frozen_text
+
+    def loss(self, params: Params, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.features(params, images)
+        classes = self.classes(params)
+        logits = self.scale * feats @ classes.t()
+        with torch.no_grad():
+            frozen_img = F.normalize(self.bb.encode_image(images).float(), dim=-1)
+            frozen_logits = self.scale * frozen_img @ self.frozen_text().t()
+        loss = F.cross_entropy(logits, labels) + promptsrc_regularizers(
+            classes, self.frozen_text(), feats, frozen_img, logits, frozen_logits,
+            self.recipe.text_loss_weight, self.recipe.image_loss_weight,
+        )  # fmt: skip
+        return loss, logits

@@ -10,7 +10,6 @@ the phrase, "of a", stays as fixed words in the text prompt, as in the reference
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from pydantic import Field
@@ -18,8 +17,6 @@ from torch import Tensor, nn
 
 from service.backbones.clip import ClipBackbone
 from service.prompts.base import (
-    MethodConfig,
-    Params,
     PromptMethod,
     ctx_prefix,
     default_linears,
@@ -27,6 +24,8 @@ from service.prompts.base import (
     phrase_vectors,
     prompt_text,
 )
+from service.prompts.method import MethodConfig, Params
+from service.prompts.recipe import Recipe
 
 
 class MaPLeConfig(MethodConfig):
@@ -35,22 +34,23 @@ class MaPLeConfig(MethodConfig):
     ctx_init: str = Field(default="a photo of a", max_length=200)
 
 
-def _depth(backbone: ClipBackbone, cfg: Any) -> int:
+def _depth(backbone: ClipBackbone, cfg: MaPLeConfig) -> int:
     # Depth counts layers of both towers; a smaller backbone caps it at its own layer count.
     return min(int(cfg.depth), backbone.vision_layers, backbone.text_layers)
 
 
-def _uses_phrase(cfg: Any) -> bool:
+def _uses_phrase(cfg: MaPLeConfig) -> bool:
     return bool(cfg.ctx_init) and cfg.n_ctx <= 4
 
 
-class MaPLe(PromptMethod):
+class MaPLe(PromptMethod[MaPLeConfig]):
     name = "maple"
     Config = MaPLeConfig
+    recipe = Recipe(lr=0.0035, epochs=5, batch_size=4)
     source = "Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023)"
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: MaPLeConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         depth = _depth(backbone, cfg)
         n, dt, dv = cfg.n_ctx, backbone.text_width, backbone.vision_width
@@ -69,7 +69,7 @@ class MaPLe(PromptMethod):
         return shapes
 
     def init(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+        self, backbone: ClipBackbone, cfg: MaPLeConfig, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         params = super().init(backbone, cfg, classnames, seed)
         dt, dv = backbone.text_width, backbone.vision_width
@@ -89,7 +89,7 @@ class MaPLe(PromptMethod):
         return torch.cat([ctx, params["deep_text"]]) if "deep_text" in params else ctx
 
     def vision_prompts(
-        self, params: Params, backbone: ClipBackbone, cfg: Any
+        self, params: Params, backbone: ClipBackbone, cfg: MaPLeConfig
     ) -> tuple[Tensor | None, Tensor | None]:
         first = nn.functional.linear(params["ctx"], params["proj.weight"], params["proj.bias"])
         layers = [first[None]]
@@ -102,7 +102,7 @@ class MaPLe(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: MaPLeConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from prompts_store import fsio, open_store
 from service.app import create_app
-from service.engine.publish import publish
+from service.checkpoints.publish import publish
 from service.settings import Settings
 from tests.api.conftest import b64, make_client, png, upload  # noqa: F401
 from tests.engine.test_residency import checkpoint

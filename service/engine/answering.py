@@ -17,10 +17,10 @@ from torch import Tensor
 
 from service import errors
 from service.backbones.llava import LlavaBackbone
+from service.engine.generation import Event, GenerationEngine, Sampling
 from service.engine.residency import Residency
-from service.generative.engine import Event, GenerationEngine, Sampling
-from service.generative.m2pt import PLAIN_GEN_PLAN, GenPlan
 from service.images import ImageLimits, decode_base64, open_image
+from service.prompts.m2pt import PLAIN_ANSWER_PLAN, AnswerPlan
 
 PLAIN_MODELS = ("plain", "none", "")
 
@@ -31,7 +31,7 @@ class Prepared:
 
     ids: list[int]
     pixels: Tensor | None
-    plan: GenPlan
+    plan: AnswerPlan
     checkpoint: str | None
     version: int | None
 
@@ -90,13 +90,15 @@ class Generation:
             raise errors.BadRequest("temperature must be within 0..2 and top_p within (0, 1]")
         return Sampling(n, temperature, top_p, seed)
 
-    async def plan(self, ref: str | None) -> tuple[GenPlan, str | None, int | None]:
+    async def plan(self, ref: str | None) -> tuple[AnswerPlan, str | None, int | None]:
         if ref is None or ref in PLAIN_MODELS or ref == self.backbone.model_name:
-            return PLAIN_GEN_PLAN, None, None
+            return PLAIN_ANSWER_PLAN, None, None
         resident = await asyncio.to_thread(self.residency.resolve, ref)
         plan: Any = resident.plan
-        if not isinstance(plan, GenPlan):
-            raise errors.InvalidContent(f"checkpoint {ref!r} is not a generative (m2pt) one")
+        if not isinstance(plan, AnswerPlan):
+            raise errors.InvalidContent(
+                f"checkpoint {ref!r} does not answer instructions (its method classifies)"
+            )
         return plan, resident.name, resident.version
 
     def image(self, item: str) -> Tensor:
