@@ -32,6 +32,7 @@ from service.backbones.llava import LlavaBackbone
 from service.backbones.registry import load_backbone
 from service.engine.batcher import Batcher
 from service.engine.forward import encode
+from service.engine.gpu_images import select_image_decode
 from service.engine.inference import Inference
 from service.engine.residency import Residency
 from service.engine.runtimes.select import describe as describe_runtime
@@ -46,6 +47,12 @@ from service.settings import Settings
 from service.training.local_jobs import jobs_for
 
 log = logging.getLogger(__name__)
+
+
+def _side(backbone: ClipBackbone) -> int:
+    """The model's input side (the preprocessing's resize target)."""
+    size = backbone.visual.image_size
+    return int(size[0] if isinstance(size, tuple) else size)
 
 
 async def _warm_up(backbone: ClipBackbone, batcher: Batcher) -> None:
@@ -92,6 +99,8 @@ def create_app(settings: Settings, backbone: Backbone | None = None) -> FastAPI:
             max_batch=settings.max_batch_size,
         )
         log.info("runtime %s: %s", runtime.name, reason)
+        gpu_images, decode_reason = select_image_decode(settings.image_decode, bb)
+        log.info("image decode: %s", decode_reason)
         # CUDA graphs are captured (ONNX graphs exported/loaded) here, before /readyz says ready.
         await asyncio.to_thread(getattr(runtime, "warm_up", lambda: None))
         batcher = Batcher(
@@ -125,6 +134,8 @@ def create_app(settings: Settings, backbone: Backbone | None = None) -> FastAPI:
             max_queue_wait_s=settings.max_queue_wait_s,
             max_request_pixels=settings.max_request_pixels,
             pixels=PixelBudget(settings.max_decode_pixels),
+            gpu_images=gpu_images,
+            draft=_side(bb) if settings.jpeg_draft else None,
         )
         await _warm_up(bb, batcher)
         services.status = {
@@ -133,6 +144,7 @@ def create_app(settings: Settings, backbone: Backbone | None = None) -> FastAPI:
             "device": str(bb.device),
             "fingerprint": bb.fingerprint,
             **describe_runtime(runtime, reason),
+            "image_decode": decode_reason,
         }
         services.ready = True
         log.info(
@@ -176,6 +188,7 @@ def create_app(settings: Settings, backbone: Backbone | None = None) -> FastAPI:
         timeout_s=settings.body_timeout_s,
         idle_timeout_s=settings.body_idle_timeout_s,
         on_disconnect=services.metrics.disconnects.inc,
+        receiving=services.metrics.receiving.inc,
     )
     app.add_middleware(RequestLog)  # inside RequestId: it reads the id RequestId chose
     app.add_middleware(RequestId)

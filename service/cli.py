@@ -249,7 +249,9 @@ class ImportCommand(Command):
     ctx_init: str | None = Field(
         None, description="the run's CTX_INIT (default: none for CoOp/CoCoOp, 'a photo of a')"
     )
-    class_token_position: Literal["end", "middle", "front"] = "end"
+    class_token_position: Literal["end", "middle", "front"] | None = Field(
+        None, description="CoOp's CLASS_TOKEN_POSITION (default: the run directory's, else end)"
+    )
     out: str | None = Field(None, description="output .safetensors (default NAME.safetensors)")
 
     def run(self) -> int:

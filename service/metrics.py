@@ -71,9 +71,19 @@ class Metrics:
         self.errors = Counter(
             "promptserve_errors", "error responses by code", ["code"], registry=self.registry
         )
+        self.in_progress = Gauge(
+            "promptserve_requests_in_progress",
+            "classify and embed requests admitted and not yet answered",
+            registry=self.registry,
+        )
         self.disconnects = Counter(
             "promptserve_client_disconnects",
             "clients that hung up before their request was answered (not errors of ours)",
+            registry=self.registry,
+        )
+        self.receiving = Gauge(
+            "promptserve_requests_receiving",
+            "requests whose body is still arriving (not yet admitted; many: slow clients)",
             registry=self.registry,
         )
         self.registry.register(_ResidencyCollector(residency))

@@ -24,6 +24,9 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
+MAX_JSON_VALUES = 200_000  # our largest request (a job of 2,000 uploaded images) holds ~10,000
+
+
 class BodyReader:
     """Read the whole request body before the app sees the request, within bounds.
 
@@ -44,10 +47,14 @@ class BodyReader:
         timeout_s: float = 60.0,
         idle_timeout_s: float = 10.0,
         on_disconnect: Callable[[], None] | None = None,
+        receiving: Callable[[float], None] | None = None,
+        max_json_values: int = MAX_JSON_VALUES,
     ) -> None:
+        self.max_json_values = max_json_values
         self.app, self.limit = app, limit
         self.timeout_s, self.idle_timeout_s = timeout_s, idle_timeout_s
         self.on_disconnect = on_disconnect
+        self.receiving = receiving or (lambda delta: None)  # bodies being received (a gauge)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,8 +71,22 @@ class BodyReader:
         if length is None and b"transfer-encoding" not in headers:
             await self.app(scope, receive, send)  # no body (GET, DELETE, ...)
             return
-        body = await self._read(scope, receive, send)
+        self.receiving(1)
+        try:
+            body = await self._read(scope, receive, send)
+        finally:
+            self.receiving(-1)
         if body is None:
+            return
+        if _is_json(headers) and (n := json_values_bound(body)) > self.max_json_values:
+            # A 64 MiB body of `[[],[],...]` is millions of Python objects and seconds of
+            # parsing for whoever parses it (FastAPI or us): counted on the bytes, refused unread.
+            await _reject(
+                send,
+                413,
+                "too_many_values",
+                f"the JSON body holds up to {n} values; at most {self.max_json_values}",
+            )
             return
         replayed = False
 
@@ -111,6 +132,18 @@ class BodyReader:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def json_values_bound(body: bytes) -> int:
+    """An upper bound of the values in a JSON document, from its bytes alone: every value after
+    the first in an array or object follows a comma, and every array or object opens with a
+    bracket (commas inside strings only make the bound looser; base64 has none)."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+
+
+def _is_json(headers: dict[bytes, bytes]) -> bool:
+    ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return ctype in (b"", b"application/json") or ctype.endswith(b"+json")
 
 
 def _slow(idle: float, total: float) -> str:

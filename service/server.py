@@ -2,9 +2,10 @@
 
 uvicorn (h11) times out only idle keep-alive connections, and any byte received cancels even
 that: a client that opens a connection and trickles header bytes, or never finishes them, holds
-it forever. `HeaderTimeout` closes such a connection with a 408 once `header_timeout_s` has
-passed since the connection opened (or since the previous response on it) without a complete
-request head. The body's own bounds are `middleware.BodyReader`'s.
+it forever. `HeaderTimeout` closes such a connection once `header_timeout_s` has passed since the
+connection opened (or since the previous response on it) without a complete request head: with
+a 408 when part of a head arrived, quietly when nothing did. The body's own bounds are
+`middleware.BodyReader`'s.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class HeaderTimeout(H11Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        self._heard = True
         super().data_received(data)
         cycle = self.cycle
         if cycle is not None and cycle is not self._seen_cycle and not cycle.response_complete:
@@ -48,6 +50,7 @@ class HeaderTimeout(H11Protocol):
 
     def _arm(self) -> None:
         self._disarm()
+        self._heard = False  # nothing of the next request yet
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._expire)
 
     def _disarm(self) -> None:
@@ -64,6 +67,11 @@ class HeaderTimeout(H11Protocol):
             return  # a head completed in the same tick
         if cycle is not None and not cycle.response_complete:
             return  # a request is being served: not ours to cut
+        if not self._heard:
+            # Nothing sent at all: close quietly. A 408 here could cross a request the client
+            # is sending at this moment and be read as its answer.
+            self.transport.close()
+            return
         body = error_body(
             "header_timeout",
             f"the request head was not received within {self.header_timeout_s:g} s",

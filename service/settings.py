@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     onnx_cache_dir: str = Field(default="var/onnx", description="exported graphs, reused")
     onnx_threads: int | None = Field(default=None, ge=1, description="default: all cores")
     onnx_int8: bool = Field(default=False, description="int8 dynamic quantization (CPU)")
+    image_decode: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="auto: nvJPEG + resize on the GPU when the backbone is on CUDA, else cpu "
+        "(PIL + open_clip's transform, the reference path); non-JPEG images always take cpu",
+    )
+    jpeg_draft: bool = Field(
+        default=False,
+        description="decode JPEGs at a reduced DCT scale (faster; not the reference preprocessing)",
+    )
     # the store and residency
     store: str = Field(default="file://var/store", description="file://DIR or redis://HOST:PORT/DB")
     max_checkpoint_bytes: int = Field(default=256 * 2**20, ge=1024)

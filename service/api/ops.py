@@ -71,4 +71,5 @@ async def metrics(services: ServicesDep, viewer: OpsViewer) -> Response:
     inference = services.inference
     if inference is not None:
         services.metrics.queue_depth.set(inference.batcher.queue_depth)
+        services.metrics.in_progress.set(inference.admitted)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -160,7 +160,7 @@ def parse(data: bytes, max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
         raise CheckpointTooLarge(f"checkpoint is {len(data)} bytes; the limit is {max_bytes}")
     header = _header(data)
     meta = header.get("__metadata__") or {}
-    if METADATA_KEY not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get(METADATA_KEY), str):
         raise MalformedCheckpoint(
             "safetensors file has no promptserve manifest; convert foreign checkpoints with "
             "`promptserve import`"

@@ -21,9 +21,16 @@ from torch import Tensor
 from service import errors
 from service.backbones.clip import ClipBackbone
 from service.engine.batcher import Batcher
+from service.engine.gpu_images import GpuImages
 from service.engine.residency import Residency
 from service.engine.zeroshot_cache import ZeroShotCache
-from service.images import ImageLimits, PixelBudget, decode_base64, decode_batch
+from service.images import (
+    ImageLimits,
+    PixelBudget,
+    decode_base64,
+    decode_batch,
+    request_pixels,
+)
 from service.prompts.plans import Plan
 
 
@@ -69,6 +76,10 @@ class Inference:
     # Decoded pixels: per request (413 beyond) and in flight in the process (429 beyond).
     max_request_pixels: int = 100_000_000
     pixels: PixelBudget | None = None
+    # PROMPTSERVE_IMAGE_DECODE: decode and preprocess on the backbone's device (None: on the CPU).
+    gpu_images: GpuImages | None = None
+    # PROMPTSERVE_JPEG_DRAFT: JPEGs decoded at the DCT scale that still covers this many pixels
+    draft: int | None = None
 
     def deadline(self) -> float:
         """The deadline of a request arriving now: everything it costs counts against it."""
@@ -106,12 +117,17 @@ class Inference:
         """Base64 strings or raw bytes -> preprocessed batch (run in a worker thread)."""
         self.check_count(len(items))
         blobs = [decode_base64(i, self.limits) if isinstance(i, str) else i for i in items]
+        if self.gpu_images is not None:
+            # device memory is bounded by the GPU path's own chunks; the request's total here
+            request_pixels(blobs, self.limits, self.max_request_pixels)
+            return self.gpu_images.decode(blobs, self.limits)
         return decode_batch(
             blobs,
             self.limits,
             self.backbone.preprocess,
             max_request_pixels=self.max_request_pixels,
             budget=self.pixels,
+            draft=self.draft,
         )
 
     async def targets(

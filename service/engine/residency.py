@@ -129,6 +129,7 @@ class Residency(Generic[P]):
         self._host: _Tier[P] = _Tier(torch.device("cpu"), host_budget)
         self._current: dict[str, int] = {}  # the validated version we serve per name
         self._loading: dict[Key, Future[Resident[P]]] = {}
+        self._deletions: dict[str, int] = {}  # per name: a load a deletion overtook is dropped
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -184,19 +185,23 @@ class Residency(Generic[P]):
             owner = future is None
             if owner:
                 future = self._loading[key] = Future()
+            deletions = self._deletions.get(key[0], 0)
         assert future is not None
         if not owner:
             return future.result()  # single flight: wait for the one load
         try:
             resident = self._load(key)
+            with self._lock:
+                self._loading.pop(key, None)
+                if self._deletions.get(key[0], 0) != deletions:
+                    # deleted while it loaded (the bytes were read just before): never resident
+                    raise errors.NotFound(f"checkpoint {key[0]!r} was deleted")
+                self._place(key, resident)
         except BaseException as exc:
             future.set_exception(exc)
             with self._lock:
                 self._loading.pop(key, None)
             raise
-        with self._lock:
-            self._place(key, resident)
-            self._loading.pop(key, None)
         future.set_result(resident)
         return resident
 
@@ -297,6 +302,7 @@ class Residency(Generic[P]):
     def forget(self, name: str) -> None:
         """Drop every resident version of `name` (it was deleted): pinned requests included."""
         with self._lock:
+            self._deletions[name] = self._deletions.get(name, 0) + 1
             self._current.pop(name, None)
             for tier in (self._device, self._host):
                 for key in [k for k in tier.items if k[0] == name]:

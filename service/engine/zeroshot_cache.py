@@ -5,11 +5,13 @@ is real work (1,000 classes x 20 templates is 20,000 text-tower passes), so it i
 image work is:
 - admission: the prompts being encoded at once are capped (`max_texts`); a request that would
   exceed the cap is refused at once (429), its cost being classes x templates;
-- the deadline: it runs under the request's deadline (set at arrival), checked before every
-  chunk, so a request whose time is up stops costing anything (504);
-- fairness: it runs in chunks of `CHUNK` prompts on the model's one worker thread, one chunk at a
-  time across all ad-hoc requests (`_lane`), so an image batch waits behind at most one chunk;
-  ad-hoc work never occupies the shared thread pool that decoding and checkpoint loads need.
+- the deadline: it runs under the request's deadline (set at arrival): refused at once (504)
+  when its cost at the measured rate could not fit, and checked before every chunk, so a
+  request whose time is up stops costing anything;
+- fairness: it runs in chunks sized to take about `CHUNK_SECONDS` (from the measured cost per
+  prompt) on the model's one worker thread, after the image batches waiting there, one chunk at
+  a time across all ad-hoc requests (`_lane`): an image request waits behind at most one chunk,
+  and ad-hoc work never occupies the shared thread pool that decoding and loads need.
 With a `text_encoder` (the ONNX runtime's text tower) the prompts go through the fast path.
 """
 
@@ -31,7 +33,8 @@ from service.errors import DeadlineExceeded, InvalidClassnames, Overloaded
 from service.prompts.base import DEFAULT_TEMPLATES, ensemble, template_prompts
 from service.prompts.plans import Plan
 
-CHUNK = 64  # prompts per text-tower call: an image batch waits behind at most one of these
+CHUNK_SECONDS = 0.04  # an image request waits behind at most about this much text work
+MAX_CHUNK = 256  # prompts per text-tower call at most (the first chunk: 8, then measured)
 Key = tuple[tuple[str, ...], tuple[str, ...]]
 RunOnModelThread = Callable[[Callable[[], Tensor]], Awaitable[Tensor]]
 
@@ -57,6 +60,7 @@ class ZeroShotCache:
         self._lock = threading.Lock()
         self._lane = asyncio.Lock()
         self.hits = self.misses = 0
+        self.seconds_per_prompt: float | None = None  # measured; sizes the chunks
 
     def key(self, classnames: Sequence[str], templates: Sequence[str] | None) -> Key:
         """The validated content key (4xx for bad class names or templates)."""
@@ -91,6 +95,14 @@ class ZeroShotCache:
                 f"server busy encoding ad-hoc class names ({self.pending} prompts in flight; this "
                 f"request needs {cost}); retry with backoff, or upload a checkpoint"
             )
+        if deadline is not None and self.seconds_per_prompt is not None:
+            estimate = cost * self.seconds_per_prompt
+            if time.monotonic() + estimate > deadline:  # refuse before spending anything
+                raise DeadlineExceeded(
+                    f"{cost} ad-hoc prompts ({len(key[0])} classes x {len(key[1])} templates) "
+                    f"would take about {estimate:.0f} s to encode, past this request's deadline; "
+                    "send fewer classes or templates, or upload a checkpoint"
+                )
         self.misses += 1
         self.pending += cost
         future: asyncio.Future[Plan] = asyncio.get_running_loop().create_future()
@@ -116,13 +128,15 @@ class ZeroShotCache:
         per_template = []
         for template in temps:
             prompts = template_prompts(names, template)
-            chunks = []
-            for i in range(0, len(prompts), CHUNK):
+            chunks: list[Tensor] = []
+            done = 0
+            while done < len(prompts):
                 async with self._lane:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise DeadlineExceeded("deadline passed while encoding the class names")
-                    part = prompts[i : i + CHUNK]
+                    part = prompts[done : done + self.chunk_size()]
                     chunks.append(await self.run(functools.partial(self._features, part)))
+                    done += len(part)
             per_template.append(torch.cat(chunks))
         return Plan(
             labels=names,
@@ -130,9 +144,20 @@ class ZeroShotCache:
             classes=ensemble(per_template).to(self.backbone.device),
         )
 
+    def chunk_size(self) -> int:
+        """Prompts per text-tower call: about CHUNK_SECONDS of work at the measured rate."""
+        if self.seconds_per_prompt is None:
+            return 8
+        return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / self.seconds_per_prompt)))
+
     @torch.no_grad()
     def _features(self, prompts: list[str]) -> Tensor:
-        return self.encode(self.backbone.tokenize(prompts)).float()
+        start = time.perf_counter()
+        out = self.encode(self.backbone.tokenize(prompts)).float()
+        per = (time.perf_counter() - start) / len(prompts)
+        last = self.seconds_per_prompt
+        self.seconds_per_prompt = per if last is None else 0.7 * last + 0.3 * per
+        return out
 
 
 async def _in_a_thread(fn: Callable[[], Tensor]) -> Tensor:

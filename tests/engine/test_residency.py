@@ -213,3 +213,20 @@ def test_redis_down_keeps_serving_and_recovers(backbone, tmp_path: Path, images)
         residency.close()
         store.close()
         server.kill()
+
+
+def test_a_load_overtaken_by_a_deletion_is_not_kept(residency, store, backbone, monkeypatch):
+    """The bytes were read just before the name was deleted: the load finishes, but what it
+    loaded must not become resident (it would be served, pinned, after the delete)."""
+    publish(store, backbone, checkpoint(backbone))
+    real = residency._load
+
+    def load_then_deleted(key):
+        loaded = real(key)
+        residency.forget(key[0])  # the deletion lands while the load is finishing
+        return loaded
+
+    monkeypatch.setattr(residency, "_load", load_then_deleted)
+    with pytest.raises(errors.NotFound):
+        residency.resolve("eurosat@1")
+    assert residency.health()["resident"] == 0
