@@ -130,6 +130,12 @@ class ClipBackbone:
         return len(self.visual.transformer.resblocks)
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """The model's input `(height, width)` (its preprocessing's output)."""
+        size = self.visual.image_size
+        return (int(size[0]), int(size[1])) if isinstance(size, tuple) else (int(size), int(size))
+
+    @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().item())
 
