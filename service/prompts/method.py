@@ -65,6 +65,11 @@ class Method(Protocol[B, C, P]):
     source: ClassVar[str]  # the paper and reference code it follows
 
     @property
+    def importer(self) -> Importer | None:
+        """The hook converting its reference code's checkpoints, if any."""
+        ...
+
+    @property
     def recipe(self) -> Recipe | None:
         """The default training recipe; None: nothing to train."""
         ...
@@ -112,6 +117,14 @@ class Method(Protocol[B, C, P]):
         ...
 
 
+class Importer(Protocol):
+    """A method's hook for a reference implementation's checkpoint files: what its tensors mean
+    and how they become the method's parameters (service/importers reads the files themselves;
+    the hook's type says which reader: prompts/dassl.py's `DasslLayout`, M²PT's output)."""
+
+    reference: ClassVar[str]  # whose files it reads
+
+
 class MethodBase(Generic[Cfg]):
     """What every method shares: config validation and `trainable`."""
 
@@ -119,6 +132,7 @@ class MethodBase(Generic[Cfg]):
     Config: type[Cfg]
     recipe: ClassVar[Recipe | None] = None
     source: ClassVar[str] = ""
+    importer: Importer | None = None  # converts the reference code's checkpoints, if any
 
     @property
     def trainable(self) -> bool:
