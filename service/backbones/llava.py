@@ -21,8 +21,8 @@ transformers' modules, so one frozen model serves prompted and plain requests si
   decoder layer overwrites them during prefill (the kwarg `m2pt_text` travels through the model's
   `**kwargs`, so there is no shared mutable state between threads). Decode steps pass nothing:
   the prompts' keys and values are carried by the KV cache.
-* positions: prompts take positions 0..n-1, then each row's tokens follow, with left padding
-  masked out; position ids are the cumulative sum of the attention mask, as `generate` computes.
+* positions: prompts take 0..n-1, then each row's tokens (left padding masked out); position ids
+  are the cumulative sum of the attention mask, as `generate` computes.
 """
 
 from __future__ import annotations
@@ -128,9 +128,8 @@ class LlavaBackbone:
         cfg = model.config
         if not isinstance(cfg.vision_feature_layer, int):
             raise BackboneError("only LLaVA models with one vision feature layer are supported")
-        self.tower: Any = getattr(
-            model.model.vision_tower, "vision_model", model.model.vision_tower
-        )
+        tower = model.model.vision_tower
+        self.tower: Any = getattr(tower, "vision_model", tower)
         if not all(hasattr(self.tower, a) for a in ("embeddings", "pre_layrnorm", "encoder")):
             raise BackboneError(
                 "M²PT needs a CLIP vision tower (embeddings, pre_layrnorm, encoder)"

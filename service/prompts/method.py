@@ -70,6 +70,11 @@ class Method(Protocol[B, C, P]):
         ...
 
     @property
+    def proving_config(self) -> Mapping[str, Any]:
+        """Config overrides for the proving ground's small CLIP (tests, demo, METHODS table)."""
+        ...
+
+    @property
     def recipe(self) -> Recipe | None:
         """The default training recipe; None: nothing to train."""
         ...
@@ -133,6 +138,9 @@ class MethodBase(Generic[Cfg]):
     recipe: ClassVar[Recipe | None] = None
     source: ClassVar[str] = ""
     importer: Importer | None = None  # converts the reference code's checkpoints, if any
+    # config overrides for the proving ground's small CLIP (tests, demo, METHODS table): the
+    # published defaults are tuned for ViT-B/16
+    proving_config: ClassVar[Mapping[str, Any]] = {}
 
     @property
     def trainable(self) -> bool:
