@@ -149,6 +149,7 @@ async def embed(
         raise errors.BadRequest("give images, texts, or both")
     start = time.perf_counter()
     deadline = front.deadline()
+    front.check_texts(req.texts)
     images = None
     if req.images:
         front.check_count(len(req.images))

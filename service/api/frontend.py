@@ -26,6 +26,8 @@ from service.images import (
 )
 from service.settings import Settings
 
+MAX_TEXT = 1000  # characters per text to embed
+
 
 @dataclass
 class FrontEnd:
@@ -101,6 +103,14 @@ class FrontEnd:
             raise errors.TooManyImages(
                 f"{n} images in one request; at most {self.max_images} (split the request)"
             )
+
+    def check_texts(self, texts: Sequence[str]) -> None:
+        """Texts to embed: non-empty, at most MAX_TEXT characters each."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip() or len(t) > MAX_TEXT:
+                raise errors.BadRequest(
+                    f"text #{i} must be a non-empty string of <= {MAX_TEXT} chars"
+                )
 
     def check_adhoc(self, adhoc: AdHoc) -> None:
         """Ad-hoc class names and templates are valid (4xx before any image is decoded)."""
