@@ -7,21 +7,23 @@ ready. No module globals: what routes need is on `app.state`, read only by servi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 
+import prompts_store as ps
 from prompts_store import open_store
 from service import __version__
 from service.api import answer, checkpoints, classify, errors, jobs, ops
 from service.api.frontend import FrontEnd
 from service.backbones.base import Backbone
 from service.backbones.registry import load_backbone
-from service.engine.core import Engine, start_engine
+from service.engine.control import ControlBlock
+from service.engine.core import start_engine
+from service.engine.protocol import EngineClient
 from service.logs import RequestLog, redact_url
 from service.metrics import Metrics
 from service.middleware import BodyReader, RequestId
@@ -31,18 +33,38 @@ from service.training.local_jobs import jobs_for
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, backbone: Backbone | None = None) -> FastAPI:
-    """The application; `backbone` may be injected (tests) instead of loaded from settings."""
+class Remote(Protocol):
+    """How a front-end process of `--frontends N` reaches the engine (service/split.py)."""
+
+    index: int
+    control: ControlBlock
+
+    def connect(self) -> AbstractAsyncContextManager[EngineClient]: ...
+
+
+def create_app(
+    settings: Settings, backbone: Backbone | None = None, frontend: Remote | None = None
+) -> FastAPI:
+    """The application; `backbone` may be injected (tests) instead of loaded from settings.
+    With `frontend`, this process is front end number `frontend.index` of `--frontends N`: its
+    engine is the engine process, reached through `frontend.connect()`."""
+
+    def engine_of(store: ps.PromptStore) -> AbstractAsyncContextManager[EngineClient]:
+        if frontend is not None:
+            return frontend.connect()
+        bb = backbone if backbone is not None else load_backbone(settings)
+        return start_engine(settings, bb, store, metrics.batch_size.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bb = backbone if backbone is not None else await asyncio.to_thread(load_backbone, settings)
         app.state.store = store = open_store(settings.store)
         app.state.jobs = jobs_for(settings)
         try:
-            async with start_engine(settings, bb, store, metrics.batch_size.observe) as engine:
+            async with engine_of(store) as engine:
                 if "classify" in engine.capabilities:
-                    app.state.frontend = FrontEnd.of(settings, engine)
+                    board = frontend.control if frontend is not None else None
+                    index = frontend.index if frontend is not None else 0
+                    app.state.frontend = FrontEnd.of(settings, engine, board, index)
                 app.state.engine = engine  # ready: the routes' dependencies now answer
                 _log_ready(settings, engine)
                 try:
@@ -54,7 +76,7 @@ def create_app(settings: Settings, backbone: Backbone | None = None) -> FastAPI:
                 app.state.jobs.close()
             store.close()
 
-    metrics = Metrics(lambda: app.state.engine.residency if app.state.engine else None)
+    metrics = Metrics(lambda: _live(app.state.engine, app.state.frontend))
     app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, metrics
     app.state.engine = app.state.frontend = app.state.store = app.state.jobs = None
@@ -74,7 +96,15 @@ def create_app(settings: Settings, backbone: Backbone | None = None) -> FastAPI:
     return app
 
 
-def _log_ready(settings: Settings, engine: Engine) -> None:
+def _live(engine: EngineClient | None, front: FrontEnd | None) -> dict[str, float] | None:
+    """What /metrics reads at scrape time (service/metrics.py)."""
+    if engine is None or not engine.ready:
+        return None
+    in_progress = {"in_progress": float(front.total_admitted())} if front is not None else {}
+    return {**engine.stats(), **in_progress}
+
+
+def _log_ready(settings: Settings, engine: EngineClient) -> None:
     facts = engine.describe()
     auth = "keys" if settings.auth_enabled else "none"
     runtime = facts.get("runtime", "-")

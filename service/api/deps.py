@@ -63,18 +63,19 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-async def get_engine(request: Request) -> Engine:
-    """The running engine (in process), or 503 while starting or stopping."""
-    engine: Engine | None = request.app.state.engine
-    if engine is None:
+async def get_engine(request: Request) -> EngineClient:
+    """The running engine (in process, or the engine process), or 503 while starting, stopping
+    or (with several front ends) while the engine process restarts."""
+    engine: EngineClient | None = request.app.state.engine
+    if engine is None or not engine.ready:
         raise errors.NotReady(STARTING)
     return engine
 
 
-async def maybe_engine(request: Request) -> Engine | None:
+async def maybe_engine(request: Request) -> EngineClient | None:
     """The engine when ready, else None (/readyz and /metrics answer either way)."""
-    engine: Engine | None = request.app.state.engine
-    return engine
+    engine: EngineClient | None = request.app.state.engine
+    return engine if engine is not None and engine.ready else None
 
 
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
@@ -87,9 +88,10 @@ async def get_classifier(engine: EngineDep) -> EngineClient:
     return engine
 
 
-async def get_generation(engine: Annotated[Engine, Depends(get_engine)]) -> Generation:
-    """The generation path, for a route of the answer capability (404 on one without it)."""
-    if engine.generation is None:
+async def get_generation(engine: EngineDep) -> Generation:
+    """The generation path, for a route of the answer capability (404 on one without it).
+    It runs in the process that serves the route (LLaVA is served by one process)."""
+    if not isinstance(engine, Engine) or engine.generation is None:
         raise wrong_backbone(engine, "answer")
     return engine.generation
 
@@ -97,12 +99,6 @@ async def get_generation(engine: Annotated[Engine, Depends(get_engine)]) -> Gene
 async def get_frontend(request: Request, _: Annotated[EngineClient, Depends(get_classifier)]
                        ) -> FrontEnd:  # fmt: skip
     frontend: FrontEnd = request.app.state.frontend
-    return frontend
-
-
-async def maybe_frontend(request: Request) -> FrontEnd | None:
-    """The classify front end when serving one (its admission count is a gauge)."""
-    frontend: FrontEnd | None = request.app.state.frontend
     return frontend
 
 
@@ -128,7 +124,6 @@ MaybeEngineDep = Annotated[EngineClient | None, Depends(maybe_engine)]
 ClassifierDep = Annotated[EngineClient, Depends(get_classifier)]
 GenerationDep = Annotated[Generation, Depends(get_generation)]
 FrontEndDep = Annotated[FrontEnd, Depends(get_frontend)]
-MaybeFrontEndDep = Annotated[FrontEnd | None, Depends(maybe_frontend)]
 StoreDep = Annotated[ps.PromptStore, Depends(get_store)]
 JobsDep = Annotated[JobQueue | LocalJobs, Depends(get_jobs)]
 

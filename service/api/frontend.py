@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from service import errors
+from service.engine.control import ControlBlock
 from service.engine.protocol import AdHoc, EngineClient, ImageInput, Images
 from service.engine.zeroshot_cache import adhoc_key
 from service.images import (
@@ -54,11 +55,20 @@ class FrontEnd:
     # PROMPTSERVE_JPEG_DRAFT: JPEGs decoded at the DCT scale that still covers the model's side
     draft: bool = False
     max_adhoc_classes: int = 1000
+    # With several front ends (--frontends N), each publishes its admitted count in the
+    # control block and admission by time counts the work of all of them: the engine is one.
+    board: ControlBlock | None = None
+    index: int = 0
 
     @classmethod
-    def of(cls, settings: Settings, engine: EngineClient) -> FrontEnd:
+    def of(
+        cls, settings: Settings, engine: EngineClient, board: ControlBlock | None = None,
+        index: int = 0,
+    ) -> FrontEnd:  # fmt: skip
         """The front end the settings describe, preparing images as `engine` wants them."""
         return cls(
+            board=board,
+            index=index,
             engine=engine,
             image_input=engine.image_input(),
             limits=ImageLimits.of(settings),
@@ -84,16 +94,26 @@ class FrontEnd:
                 f"server overloaded: {self.admitted} requests in progress; retry with backoff"
             )
         per = self.engine.load().seconds_per_request
-        if self.max_queue_wait_s and per and self.admitted * per > self.max_queue_wait_s:
+        ahead = self.total_admitted()
+        if self.max_queue_wait_s and per and ahead * per > self.max_queue_wait_s:
             raise errors.Overloaded(
-                f"server overloaded: about {self.admitted * per:.1f} s of work ahead "
-                f"({self.admitted} requests); retry with backoff"
+                f"server overloaded: about {ahead * per:.1f} s of work ahead "
+                f"({ahead} requests); retry with backoff"
             )
-        self.admitted += 1
+        self._count(+1)
         try:
             yield
         finally:
-            self.admitted -= 1
+            self._count(-1)
+
+    def total_admitted(self) -> int:
+        """Requests admitted and not yet answered, by every front end of the service."""
+        return self.board.admitted() if self.board is not None else self.admitted
+
+    def _count(self, delta: int) -> None:
+        self.admitted += delta
+        if self.board is not None:
+            self.board.set_admitted(self.index, self.admitted)
 
     def check_count(self, n: int) -> None:
         """THE image-count check: at least one image, at most `max_images`."""

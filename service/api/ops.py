@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import errors
-from service.api.deps import MaybeEngineDep, MaybeFrontEndDep, MetricsDep, OpsViewer
+from service.api.deps import MaybeEngineDep, MetricsDep, OpsViewer
 from service.schemas import ErrorResponse
 
 router = APIRouter(tags=["operations"])
@@ -61,17 +61,11 @@ _JSON_ERROR = {"application/json": {"schema": ErrorResponse.model_json_schema()}
     response_class=PlainTextResponse,  # the exposition format; its errors are JSON like all others
     responses={401: {"description": "no key, or not a valid one", "content": _JSON_ERROR}},
 )
-async def metrics(
-    engine: MaybeEngineDep, front: MaybeFrontEndDep, metrics: MetricsDep, viewer: OpsViewer
-) -> Response:
+async def metrics(metrics: MetricsDep, viewer: OpsViewer) -> Response:
     """Prometheus exposition (needs a key unless PROMPTSERVE_METRICS_PUBLIC=true)."""
     if viewer is None:
         raise errors.Unauthorized(
             "/metrics needs an API key (Authorization: Bearer <key>); set "
             "PROMPTSERVE_METRICS_PUBLIC=true to scrape without one on a private network"
         )
-    if engine is not None:
-        metrics.queue_depth.set(engine.load().queue_depth)
-    if front is not None:
-        metrics.in_progress.set(front.admitted)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -69,8 +69,22 @@ class Engine:
             return Load(self.generation.engine.queue_depth, None)
         return Load(0, None)
 
+    @property
+    def ready(self) -> bool:
+        return True  # in process: the engine exists only while it is ready
+
     def health(self) -> dict[str, Any]:
         return self.residency.health()
+
+    def stats(self) -> dict[str, float]:
+        health = self.health()
+        counts = vars(self.residency.stats).items()
+        return {
+            **{name: float(v) for name, v in counts if isinstance(v, int)},
+            "resident": float(health["resident"]),
+            "store_up": 1.0 if health["store"] == "ok" else 0.0,
+            "queue_depth": float(self.load().queue_depth),
+        }
 
     async def classify(self, work: ClassifyWork) -> list[ClassifyResult]:
         return await self._classifier().classify(work)

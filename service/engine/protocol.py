@@ -115,8 +115,18 @@ class EngineClient(Protocol):
         """The engine's work in progress (admission by time, queue-depth gauge)."""
         ...
 
+    @property
+    def ready(self) -> bool:
+        """Whether calls can be answered now (false while an engine process restarts)."""
+        ...
+
     def health(self) -> dict[str, Any]:
         """The store's state and the resident checkpoints (/readyz)."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """What /metrics reads live: residency counters, `resident`, `store_up`,
+        `queue_depth` (service/metrics.py)."""
         ...
 
     async def classify(self, work: ClassifyWork) -> list[ClassifyResult]:

@@ -27,7 +27,7 @@ def frontend(
 ) -> None:
     import uvicorn
 
-    pool = SlotPool(layout.slots(index, incarnation), 4, (2, 2, 3))  # a segment of its own
+    pool = SlotPool(layout.slots(index, incarnation), 4, (3, 2, 2))  # a segment of its own
 
     async def app(scope, receive, send):  # answers with who it is and the engine's state
         if scope["type"] != "http":
