@@ -138,7 +138,9 @@ def _current_plan(store: Any, backbone: ClipBackbone, name: str) -> tuple[Plan, 
     from service.checkpoints import load, materialize
 
     stored = store.get(name)
-    return materialize(load(stored.data, backbone), backbone), stored.version
+    plan = materialize(load(stored.data, backbone), backbone)
+    assert isinstance(plan, Plan), "the demo's methods are CLIP methods, which serve a Plan"
+    return plan, stored.version
 
 
 @torch.no_grad()

@@ -10,60 +10,72 @@ $PROMPTSERVE_URL (default http://127.0.0.1:8000).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import CliPositionalArg, CliToggleFlag
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """The `classify` subcommand on the main parser's subparsers."""
-    c = sub.add_parser("classify", help="classify images with a running service (HTTP)")
-    c.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP)")
-    c.add_argument("--url", default=os.environ.get("PROMPTSERVE_URL", "http://127.0.0.1:8000"))
-    c.add_argument("--api-key", help="read key (default $PROMPTSERVE_API_KEY)")
-    what = c.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="name or name@version")
-    what.add_argument("--checkpoints", help="several, comma-separated")
-    what.add_argument("--classnames", help="ad-hoc zero-shot classes, comma-separated")
-    c.add_argument("--templates", help="with --classnames: templates with {}, '|'-separated")
-    c.add_argument("--top-k", type=int, default=3)
-    c.add_argument("--json", action="store_true", help="print the API's JSON answer")
-    c.set_defaults(func=cmd_classify)
-    return c
+from service.settings import Settings
 
 
 def _split(value: str | None, sep: str = ",") -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(sep) if v.strip()]
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
-    """One request for all the images; prints each image's top-k per checkpoint."""
-    from promptserve.client import Client, PromptServeClientError
+class Classify(BaseModel):
+    """classify images with a running service (HTTP, through promptserve.client)"""
 
-    try:
-        with Client(args.url, api_key=args.api_key) as client:
-            answer = client.classify(
-                args.images,
-                checkpoint=args.checkpoint,
-                checkpoints=_split(args.checkpoints),
-                classnames=_split(args.classnames),
-                templates=_split(args.templates, "|"),
-                top_k=args.top_k,
-            )
-    except PromptServeClientError as exc:
-        code = getattr(exc, "code", "connection")
-        print(f"error ({code}): {getattr(exc, 'message', exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # an image file that cannot be read
-        print(f"error (bad_request): {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(answer.model_dump_json(indent=1))
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    images: CliPositionalArg[list[str]] = Field(description="image files (JPEG, PNG, WebP)")
+    url: str | None = Field(None, description="the service (default $PROMPTSERVE_URL or :8000)")
+    api_key: str | None = Field(None, description="read key (default $PROMPTSERVE_API_KEY)")
+    checkpoint: str | None = Field(None, description="name or name@version")
+    checkpoints: str | None = Field(None, description="several, comma-separated")
+    classnames: str | None = Field(None, description="ad-hoc zero-shot classes, comma-separated")
+    templates: str | None = Field(None, description="with --classnames: '|'-separated, with {}")
+    top_k: int = 3
+    as_json: CliToggleFlag[bool] = Field(False, alias="json", description="the API's JSON answer")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Classify:
+        given = [self.checkpoint, self.checkpoints, self.classnames]
+        if sum(v is not None for v in given) != 1:
+            raise ValueError("give exactly one of --checkpoint, --checkpoints, --classnames")
+        return self
+
+    def settings(self) -> Settings:
+        """The local settings (only logging is read from them; the server has its own)."""
+        return Settings()
+
+    def run(self) -> int:
+        """One request for all the images; prints each image's top-k per checkpoint."""
+        from promptserve.client import Client, PromptServeClientError
+
+        url = self.url or os.environ.get("PROMPTSERVE_URL", "http://127.0.0.1:8000")
+        try:
+            with Client(url, api_key=self.api_key) as client:
+                answer = client.classify(
+                    self.images,
+                    checkpoint=self.checkpoint,
+                    checkpoints=_split(self.checkpoints),
+                    classnames=_split(self.classnames),
+                    templates=_split(self.templates, "|"),
+                    top_k=self.top_k,
+                )
+        except PromptServeClientError as exc:
+            code = getattr(exc, "code", "connection")
+            print(f"error ({code}): {getattr(exc, 'message', exc)}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # an image file that cannot be read
+            print(f"error (bad_request): {exc}", file=sys.stderr)
+            return 2
+        if self.as_json:
+            print(answer.model_dump_json(indent=1))
+            return 0
+        for result in answer.results:
+            source = f"{result.checkpoint} v{result.version}" if result.checkpoint else "zero-shot"
+            for image, predictions in zip(self.images, result.predictions, strict=True):
+                top = ", ".join(f"{p.label} {p.score:.2f}" for p in predictions)
+                print(f"{image}  [{source}]  {top}")
         return 0
-    for result in answer.results:
-        source = f"{result.checkpoint} v{result.version}" if result.checkpoint else "zero-shot"
-        for image, predictions in zip(args.images, result.predictions, strict=True):
-            top = ", ".join(f"{p.label} {p.score:.2f}" for p in predictions)
-            print(f"{image}  [{source}]  {top}")
-    return 0
