@@ -27,6 +27,7 @@ from pydantic_settings import (
 
 from service.admin_cli import Checkpoints, Export
 from service.backbones.registry import load_backbone
+from service.demo import DemoCommand
 from service.errors import PromptServeError
 from service.prompts.registry import METHODS, trainable
 from service.remote_cli import Classify
@@ -308,18 +309,6 @@ class WorkerCommand(Command):
         jobs.set_context(lambda: jobs.context_from_settings(settings, out_dir))  # the flags too
         jobs.run_worker(url, burst=self.burst)
         return 0
-
-
-class DemoCommand(Command):
-    """offline demo: proving ground, trained checkpoints, service"""
-
-    store: str = Field("file://var/demo/store", description="where the demo's checkpoints go")
-    port: int = 8000
-
-    def run(self) -> int:
-        from service.demo import run_demo
-
-        return run_demo(self.store, self.port)
 
 
 def _choices(names: Sequence[str]) -> Any:

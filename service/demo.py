@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.backbones.clip import ClipBackbone
 from service.prompts.base import Plan
@@ -244,6 +245,22 @@ def examples(base: str, demo: Demo) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+class DemoCommand(BaseModel):
+    """offline demo: proving ground, trained checkpoints, service"""
+
+    model_config = ConfigDict(extra="forbid")
+    store: str = Field("file://var/demo/store", description="where the demo's checkpoints go")
+    port: int = 8000
+
+    def settings(self) -> Settings:
+        """The environment's settings (logging) with the demo's store and port."""
+        return Settings(store=self.store, port=self.port)
+
+    def run(self) -> int:
+        """`promptserve demo`: see `run_demo`."""
+        return run_demo(self.store, self.port)
 
 
 def run_demo(store_url: str, port: int) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import CliPositionalArg, CliToggleFlag
 
 from service.settings import Settings
@@ -37,13 +37,6 @@ class Classify(BaseModel):
     top_k: int = 3
     as_json: CliToggleFlag[bool] = Field(False, alias="json", description="the API's JSON answer")
 
-    @model_validator(mode="after")
-    def _one_target(self) -> Classify:
-        given = [self.checkpoint, self.checkpoints, self.classnames]
-        if sum(v is not None for v in given) != 1:
-            raise ValueError("give exactly one of --checkpoint, --checkpoints, --classnames")
-        return self
-
     def settings(self) -> Settings:
         """The local settings (only logging is read from them; the server has its own)."""
         return Settings()
@@ -52,6 +45,10 @@ class Classify(BaseModel):
         """One request for all the images; prints each image's top-k per checkpoint."""
         from promptserve.client import Client, PromptServeClientError
 
+        if sum(v is not None for v in (self.checkpoint, self.checkpoints, self.classnames)) != 1:
+            print("error (bad_request): give exactly one of --checkpoint, --checkpoints, "
+                  "--classnames", file=sys.stderr)  # fmt: skip
+            return 2
         url = self.url or os.environ.get("PROMPTSERVE_URL", "http://127.0.0.1:8000")
         try:
             with Client(url, api_key=self.api_key) as client:

@@ -215,3 +215,5 @@ def test_the_classify_command_talks_http_through_the_client(
     assert [(r.checkpoint, r.version) for r in parsed.results] == [("pets", 1), ("cars", 1)]
     code = cli_main(["classify", "--url", url, "--checkpoint", "nope", str(image)])
     assert code == 2 and "error (not_found)" in capsys.readouterr().err
+    code = cli_main(["classify", "--url", url, str(image)])  # what to classify under: none
+    assert code == 2 and "exactly one of --checkpoint" in capsys.readouterr().err

@@ -140,3 +140,25 @@ def test_retry_after_reads_seconds_and_dates():
     later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 <= (header(later) or 0) <= 30
     assert retry_after(httpx.Response(429)) is None
+
+
+def test_the_real_service_503_and_its_retry_after(backbone, tmp_path):
+    """The service itself (training jobs off: 503 not_ready, `Retry-After: 1`): the client reads
+    the header the service sends, waits it out, retries, and raises the API's code at the end."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(
+        store=f"file://{tmp_path / 'store'}", runtime="torch", pretrained="none", local_jobs=False
+    )
+    with (
+        serve(create_app(settings, backbone=backbone)) as url,
+        Client(url, retries=Retries(attempts=2, max_wait_s=5)) as c,
+    ):
+        start = time.monotonic()
+        with pytest.raises(ServiceUnavailableError) as err:
+            c.jobs.get("no-such-job")
+        waited = time.monotonic() - start
+    assert (err.value.status, err.value.code, err.value.retry_after) == (503, "not_ready", 1.0)
+    assert "training jobs are off" in err.value.message
+    assert waited >= 1.0  # one retry, not before the service's Retry-After: 1
