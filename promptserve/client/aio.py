@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -12,7 +11,7 @@ import httpx
 from pydantic import BaseModel
 
 from promptserve.client import calls
-from promptserve.client.calls import DEFAULT_URL, Call, Retries
+from promptserve.client.calls import DEFAULT_URL, Call, CheckpointInput, Retries
 from promptserve.client.errors import APIConnectionError, JobTimeout, from_response
 from promptserve.client.images import ImageInput
 from service.schemas import (
@@ -111,10 +110,9 @@ class AsyncClient:
         """Normalized image embeddings (under `checkpoint`'s vision prompts if given), texts'."""
         return await self.send(await asyncio.to_thread(calls.embed, images, texts, checkpoint))
 
-    async def upload(
-        self, checkpoint: str | os.PathLike[str] | bytes, *, activate: bool = True
-    ) -> UploadResponse:
-        """Upload a .safetensors checkpoint (a path or its bytes); admin key."""
+    async def upload(self, checkpoint: CheckpointInput, *, activate: bool = True) -> UploadResponse:
+        """Upload a .safetensors checkpoint (a path, its bytes, an open binary file, or an
+        in-memory `Checkpoint`); admin key."""
         return await self.send(await asyncio.to_thread(calls.upload, checkpoint, activate))
 
     async def activate(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -124,9 +124,24 @@ def embed(
     return Call("POST", "/v1/embed", EmbedResponse, json=req.model_dump(exclude_none=True))
 
 
-def upload(checkpoint: str | os.PathLike[str] | bytes, activate: bool) -> Call[UploadResponse]:
+class Uploadable(Protocol):
+    """An in-memory checkpoint (`service.checkpoints.Checkpoint`): its file is `to_bytes()`."""
+
+    def to_bytes(self) -> bytes: ...
+
+
+CheckpointInput = str | os.PathLike[str] | bytes | BinaryIO | Uploadable
+
+
+def upload(checkpoint: CheckpointInput, activate: bool) -> Call[UploadResponse]:
+    """A .safetensors checkpoint as a path, its bytes, an open binary file, or a `Checkpoint`."""
     if isinstance(checkpoint, bytes | bytearray):
         name, data = "checkpoint.safetensors", bytes(checkpoint)
+    elif hasattr(checkpoint, "to_bytes"):
+        name, data = "checkpoint.safetensors", checkpoint.to_bytes()
+    elif hasattr(checkpoint, "read"):
+        name = os.path.basename(str(getattr(checkpoint, "name", "checkpoint.safetensors")))
+        data = checkpoint.read()
     else:
         name = os.path.basename(os.fspath(checkpoint))
         with open(checkpoint, "rb") as f:

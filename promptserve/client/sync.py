@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -11,7 +10,7 @@ import httpx
 from pydantic import BaseModel
 
 from promptserve.client import calls
-from promptserve.client.calls import DEFAULT_URL, Call, Retries
+from promptserve.client.calls import DEFAULT_URL, Call, CheckpointInput, Retries
 from promptserve.client.errors import APIConnectionError, JobTimeout, from_response
 from promptserve.client.images import ImageInput
 from service.schemas import (
@@ -108,10 +107,9 @@ class Client:
         """Normalized image embeddings (under `checkpoint`'s vision prompts if given), texts'."""
         return self.send(calls.embed(images, texts, checkpoint))
 
-    def upload(
-        self, checkpoint: str | os.PathLike[str] | bytes, *, activate: bool = True
-    ) -> UploadResponse:
-        """Upload a .safetensors checkpoint (a path or its bytes); admin key."""
+    def upload(self, checkpoint: CheckpointInput, *, activate: bool = True) -> UploadResponse:
+        """Upload a .safetensors checkpoint (a path, its bytes, an open binary file, or an
+        in-memory `Checkpoint`); admin key."""
         return self.send(calls.upload(checkpoint, activate))
 
     def activate(self, name: str, version: int, expected: int | None = None) -> ActivateResponse:

@@ -22,6 +22,7 @@ from promptserve.client import (
     UnprocessableError,
 )
 from service import schemas
+from service.checkpoints import load
 from service.cli import main as cli_main
 from tests.client.conftest import ADMIN, READ
 from tests.conftest import CLASSNAMES
@@ -109,11 +110,11 @@ def test_embed_images_under_a_checkpoint_and_texts(reader, uploaded):
     assert plain.checkpoint is None and plain.text_embeddings == []
 
 
-def test_upload_activate_rollback_and_compare_and_set(admin, backbone):
+def test_upload_activate_rollback_and_compare_and_set(admin, backbone, tmp_path):
     first = admin.upload(checkpoint(backbone, name="swap", seed=5))
     assert (first.name, first.version, first.active) == ("swap", 1, True)
-    kept = admin.upload(checkpoint(backbone, name="swap", seed=6), activate=False)
-    assert (kept.version, kept.active) == (2, False)
+    kept = admin.upload(load(checkpoint(backbone, name="swap", seed=6), backbone), activate=False)
+    assert (kept.version, kept.active) == (2, False)  # an in-memory Checkpoint, serialized
     assert [(v.version, v.active) for v in admin.versions("swap").versions] == [
         (1, True),
         (2, False),
@@ -131,6 +132,10 @@ def test_upload_activate_rollback_and_compare_and_set(admin, backbone):
     assert admin.rollback("swap", to=2).version == 2
     listed = {c.name: c.version for c in admin.checkpoints().checkpoints}
     assert listed["swap"] == 2
+    with open(tmp_path / "swap.safetensors", "wb+") as f:  # an open file, read by the client
+        f.write(checkpoint(backbone, name="swap", seed=7))
+        f.seek(0)
+        assert admin.upload(f, activate=False).version == 3
     assert admin.delete("swap").deleted
     with pytest.raises(NotFoundError) as gone:
         admin.versions("swap")
