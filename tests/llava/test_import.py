@@ -159,7 +159,7 @@ def test_cli_import_m2pt(
 
 
 def llava_from_dir(path: Path) -> LlavaBackbone:
-    from service.backbones.llava import load_llava
+    from service.backbones.llava_loading import load_llava
 
     return load_llava(str(path), str(path))
 
