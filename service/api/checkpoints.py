@@ -155,6 +155,8 @@ async def show(name: str, services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
         "method": meta.get("method"),
         "classes": meta.get("classes"),
         "classnames": classnames,
+        "dropped": meta.get("dropped"),
+        "conversation": meta.get("conversation"),
         "versions": [_version_out(v, current) for v in versions],
     }
 

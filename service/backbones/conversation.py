@@ -15,6 +15,7 @@ was trained on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,3 +116,29 @@ def chunked_ids(tokenizer: Any, text: str, image_ids: Sequence[int]) -> list[int
             ids.extend(image_ids)
         ids.extend(chunk[skip:])
     return ids
+
+
+def jinja(conv: Conversation) -> str:
+    """The template as a chat template (for a processor: `promptserve convert-base` makes it
+    the served base's default), rendering what `render` does."""
+    q = json.dumps  # JSON strings are valid jinja string literals
+    user, assistant = (q(r) for r in conv.roles)
+    return (
+        f"{{%- set ns = namespace(system={q(conv.system)}, first=0) -%}}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set ns.system = messages[0]['content'] -%}{%- set ns.first = 1 -%}{%- endif -%}"
+        f"{{{{ ns.system }}}}{{{{ {q(conv.sep)} }}}}"
+        "{%- for m in messages[ns.first:] -%}"
+        f"{{%- if loop.index0 % 2 == 0 -%}}{{{{ {user} }}}}{{%- else -%}}{{{{ {assistant} }}}}"
+        "{%- endif -%}{{ ': ' }}"
+        "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+        "{%- set text = namespace(s='', image=false) -%}"
+        "{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}{%- set text.image = true -%}"
+        "{%- else -%}{%- set text.s = text.s + c['text'] -%}{%- endif -%}{%- endfor -%}"
+        f"{{%- if text.image -%}}{{{{ {q(IMAGE)} + '\\n' + text.s | trim }}}}"
+        "{%- else -%}{{ text.s }}{%- endif -%}{%- endif -%}"
+        f"{{%- if loop.index0 % 2 == 0 -%}}{{{{ {q(conv.sep)} }}}}"
+        f"{{%- else -%}}{{{{ {q(conv.sep2)} }}}}"
+        "{%- endif -%}{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {assistant} }}}}:{{%- endif -%}}"
+    )

@@ -300,9 +300,10 @@ class LlavaBackbone:
         self, ids: Tensor, pixel_values: Tensor | None, prompts: Prompts = NO_PROMPTS
     ) -> Tensor:
         """Token embeddings with image features scattered into the image-token positions."""
-        embeds = self.lm.embed_tokens(ids)
         slots = ids == self.image_token_id
         slots[:, : prompts.n_text] = False  # prompt slots hold pad ids, but be explicit
+        # image slots are never looked up (LLaVA v1 bases put the placeholder past the vocabulary)
+        embeds = self.lm.embed_tokens(ids.masked_fill(slots, self.pad_id))
         if pixel_values is None:
             if slots.any():
                 raise BadRequest("image tokens in the text but no image was given")

@@ -26,17 +26,19 @@ def convert_file(
     if isinstance(backbone, LlavaBackbone):
         from service.importers.m2pt import import_m2pt
 
-        ckpt, data = import_m2pt(src, name=name, backbone=backbone, projector=options["projector"])
-        cfg = ckpt.manifest.method_config
-        projector = "trained" if cfg["train_projector"] else "frozen"
-        return (
-            ckpt,
-            data,
-            (
-                f"{cfg['n_visual']} visual and {cfg['n_text']} textual prompt tokens, "
-                f"projector {projector}"
-            ),
-        )
+        ckpt, data = import_m2pt(
+            src, name=name, backbone=backbone, drop=options.get("drop") or (),
+            conversation=options.get("conversation") or "llava_v1",
+        )  # fmt: skip
+        cfg, m = ckpt.manifest.method_config, ckpt.manifest
+        trained = [
+            p for p, on in (("projector", "train_projector"), ("head", "train_head")) if cfg[on]
+        ]
+        return ckpt, data, (
+            f"{cfg['n_visual']} visual and {cfg['n_text']} textual prompt tokens, trained "
+            f"{' and '.join(trained) or 'prompts only'}, {m.metrics['equal_to_base']} tensors "
+            f"equal to the base, {len(m.dropped)} dropped"
+        )  # fmt: skip
     from service.importers.dassl import import_dassl
 
     assert isinstance(backbone, ClipBackbone)
