@@ -59,7 +59,7 @@ class Comparison:
     equal: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)  # differ, nowhere to go
     unknown: list[str] = field(default_factory=list)  # no place in the served model
-    shapes: list[str] = field(default_factory=list)  # another architecture
+    architecture: list[str] = field(default_factory=list)  # how it differs from the served one
     dropped: list[dict[str, Any]] = field(default_factory=list)
     sources: set[torch.dtype] = field(default_factory=set)  # dtypes of what is imported
 
@@ -81,8 +81,11 @@ def compare(src: Path, backbone: LlavaBackbone, drop: Sequence[str] = ()) -> Com
     """Every tensor of the saved model against the served base (see the module docstring)."""
     served = backbone.model.state_dict()
     trainable = {f"model.multi_modal_projector.{k}" for k in backbone.projector_shapes()}
-    out = Comparison()
+    out = Comparison(architecture=architecture(llava_files.config(src), backbone))
+    forms: set[str] = set()
     for key, tensor in llava_files.read_all(src):
+        if key.startswith(llava_files.PROJECTOR_PREFIX):
+            forms.add("mlp" if key.count(".") > 2 else "one Linear")
         if VISION.search(key) or TEXT.match(key):
             out.prompts[key] = tensor
             continue
@@ -94,7 +97,7 @@ def compare(src: Path, backbone: LlavaBackbone, drop: Sequence[str] = ()) -> Com
             continue
         base = served[target]
         if tuple(tensor.shape) != tuple(base.shape):
-            out.shapes.append(f"{key} {list(tensor.shape)} (served {list(base.shape)})")
+            out.architecture.append(f"{key} {list(tensor.shape)} (served {list(base.shape)})")
             continue
         ours = _param_name(target, trainable)
         out.frozen += ours is None
@@ -105,6 +108,31 @@ def compare(src: Path, backbone: LlavaBackbone, drop: Sequence[str] = ()) -> Com
             out.sources.add(tensor.dtype)
         else:
             _lose(out, out.lost, key, tensor, drop, _what(key, tensor, base))
+    served_form = "one Linear" if backbone.one_linear else "mlp"
+    if forms - {served_form}:
+        out.architecture.append(f"a {'/'.join(forms)} projector (served: {served_form})")
+    return out
+
+
+def architecture(cfg: Mapping[str, Any], backbone: LlavaBackbone) -> list[str]:
+    """How the run's config.json differs from the served base (LLaVA's `mm_*` fields)."""
+    if "mm_hidden_size" not in cfg:
+        return []  # not a LLaVA config: the tensors' shapes and keys still say
+    one_linear = cfg.get("mm_projector_type", "linear") == "linear"
+    strategy = {"patch": "default", "cls_patch": "full"}.get(cfg.get("mm_vision_select_feature"))
+    served = {
+        "hidden_size": backbone.text_width,
+        "num_hidden_layers": backbone.text_layers,
+        "vocab_size": backbone.head_shape[0],
+        "mm_hidden_size": backbone.vision_width,
+        "mm_vision_select_layer": backbone.model.config.vision_feature_layer,
+    }
+    out = [f"{k} {cfg[k]} (served {v})" for k, v in served.items() if k in cfg and cfg[k] != v]
+    if one_linear != backbone.one_linear:
+        out.append(f"mm_projector_type {cfg.get('mm_projector_type', 'linear')} (served "
+                   f"{'one Linear' if backbone.one_linear else 'two layers'})")  # fmt: skip
+    if strategy is not None and strategy != backbone.strategy:
+        out.append(f"mm_vision_select_feature {cfg['mm_vision_select_feature']}")
     return out
 
 
@@ -141,11 +169,10 @@ def check(result: Comparison, backbone: LlavaBackbone, src: Path) -> None:
     """Refuse another base, and any trained tensor that would be lost, naming them."""
     named = _base_named(llava_files.config(src))
     where = f"the served base is {backbone.model_name} ({backbone.fingerprint[:19]}...)"
-    if result.shapes:
+    if result.architecture:
         raise BackboneMismatch(
-            f"{src} was trained on another architecture{named}: {_list(result.shapes)} have "
-            f"other shapes than in the served base; {where}. Convert that run's base with "
-            "`promptserve convert-base` and serve it"
+            f"{src} was trained on another architecture{named}: {_list(result.architecture)}; "
+            f"{where}. Convert that run's base with `promptserve convert-base` and serve it"
         )
     if not result.frozen:
         raise InvalidContent(

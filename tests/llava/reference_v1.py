@@ -87,7 +87,7 @@ def releases(root: Path, seed: int = 0) -> Releases:
             bos_token_id=1,
             eos_token_id=2,
             tie_word_embeddings=False,
-        )  # fmt: skip
+        )
     )
     out = Releases(root / "vicuna", root / "clip", root / "llava-pretrain" / "mm_projector.bin")
     vicuna.half().save_pretrained(out.vicuna)  # Vicuna ships fp16
@@ -102,7 +102,7 @@ def releases(root: Path, seed: int = 0) -> Releases:
             patch_size=8,
             projection_dim=32,
             initializer_range=0.2,
-        )  # fmt: skip
+        )
     )
     clip.save_pretrained(out.clip)
     CLIPImageProcessor(
