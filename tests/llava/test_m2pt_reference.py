@@ -369,3 +369,25 @@ def test_the_checkpoints_template_and_the_references_tokenization(
     # the converted base's default chat template renders the same text
     messages = user_message(QUESTION, True)
     assert bb.processor.apply_chat_template(messages, add_generation_prompt=True) == prompt
+
+
+def test_residency_counts_a_checkpoints_head_and_projector_bytes(
+    bb: LlavaBackbone, rel: Releases, run: tuple[dict[str, Tensor], Path], tmp_path: Path
+) -> None:
+    from service.engine.residency import Residency
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    for i, seed in enumerate((7, 8, 9)):
+        path = save_run(run_state(rel, seed=seed), rel, tmp_path / f"r{i}")
+        publish(store, bb, import_m2pt(path, name=f"r{i}", backbone=bb)[1])
+    plan = Residency(store, bb, AnswerPlan).resolve("r0").plan
+    head = bb.head_shape[0] * bb.head_shape[1] * 4  # float32 backbone: the plan is in its dtype
+    projector = (bb.text_width * bb.vision_width + bb.text_width) * 4
+    prompts = (3 * NV * bb.vision_width + 3 * NT * bb.text_width) * 4
+    assert plan.nbytes == head + projector + prompts
+    r = Residency(store, bb, AnswerPlan, device_budget=2 * plan.nbytes, host_budget=plan.nbytes)
+    for i in range(3):
+        r.resolve(f"r{i}")
+    health = r.health()
+    assert health["device_bytes"] == 2 * plan.nbytes and r.stats.demotions == 1
+    store.close()
