@@ -73,7 +73,7 @@ class ServeCommand(Command):
     def run(self) -> int:
         import uvicorn
 
-        from service import server
+        from service import server, split
         from service.app import create_app
 
         settings = self.settings()
@@ -90,6 +90,14 @@ class ServeCommand(Command):
             logging.getLogger("promptserve").warning(
                 "auth: none (no API keys configured); listening on %s", settings.host
             )
+        frontends, why = split.frontend_count(settings)
+        problem = split.check(settings, frontends)
+        if problem is not None:
+            print(f"error (frontends): {problem}", file=sys.stderr)
+            return 2
+        if frontends > 1:
+            logging.getLogger("promptserve").info("%d front ends (%s)", frontends, why)
+            return split.serve_split(settings, frontends)
         # Load the backbone before binding, so missing weights are a clear error, not a crash loop.
         app = create_app(settings, backbone=load_backbone(settings))
         uvicorn.Server(server.config(app, settings)).run()
@@ -317,7 +325,7 @@ def _choices(names: Sequence[str]) -> Any:
 
 Serve = command(
     ServeCommand, "host", "port", "store", "allow_insecure", "max_batch_size", "runtime",
-    "max_wait_ms", *BACKBONE,
+    "max_wait_ms", "frontends", *BACKBONE,
 )  # fmt: skip
 Train = create_model(
     "train", __base__=command(TrainCommand, "store", *BACKBONE), __doc__=TrainCommand.__doc__,

@@ -16,8 +16,8 @@ transformers' modules, so one frozen model serves prompted and plain requests si
   decoder layer overwrites them during prefill (the kwarg `m2pt_text` travels through the model's
   `**kwargs`, so there is no shared mutable state between threads). Decode steps pass nothing:
   the prompts' keys and values are carried by the KV cache.
-* positions: prompts take positions 0..n-1, then each row's tokens follow, with left padding
-  masked out; position ids are the cumulative sum of the attention mask, as `generate` computes.
+* positions: prompts take 0..n-1, then each row's tokens (left padding masked out); position ids
+  are the cumulative sum of the attention mask, as `generate` computes.
 * projector and output head: each row may carry its checkpoint's own (the reference trains
   both); rows are grouped by the tensors they use (grouped.py). Loading: llava_loading.py.
 """
@@ -134,9 +134,8 @@ class LlavaBackbone:
         cfg = model.config
         if not isinstance(cfg.vision_feature_layer, int):
             raise BackboneError("only LLaVA models with one vision feature layer are supported")
-        self.tower: Any = getattr(
-            model.model.vision_tower, "vision_model", model.model.vision_tower
-        )
+        tower = model.model.vision_tower
+        self.tower: Any = getattr(tower, "vision_model", tower)
         if not all(hasattr(self.tower, a) for a in ("embeddings", "pre_layrnorm", "encoder")):
             raise BackboneError(
                 "M²PT needs a CLIP vision tower (embeddings, pre_layrnorm, encoder)"
@@ -274,11 +273,9 @@ class LlavaBackbone:
     def project(self, feats: Tensor, weights: Mapping[str, Tensor] | None = None) -> Tensor:
         """The projector, with a checkpoint's own tensors in place of the base's ones it names."""
         if self.one_linear:  # the identity tail is exact; skip its d x d product
-            w = dict(weights or {})
-            lin = self.projector.linear_1
-            return F.linear(
-                feats, w.get("linear_1.weight", lin.weight), w.get("linear_1.bias", lin.bias)
-            )
+            lin = self.projector.get_submodule("linear_1")
+            w: dict[str, Tensor] = {**dict(lin.named_parameters("linear_1")), **(weights or {})}
+            return F.linear(feats, w["linear_1.weight"], w.get("linear_1.bias"))
         if weights is None:
             return self.projector(feats)
         return torch.func.functional_call(self.projector, dict(weights), (feats,))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -21,6 +22,7 @@ from service.engine.generation import Event, GenerationEngine, Sampling
 from service.engine.residency import Residency
 from service.images import ImageLimits, decode_base64, open_image
 from service.prompts.m2pt import PLAIN_ANSWER_PLAN, AnswerPlan
+from service.settings import Settings
 
 PLAIN_MODELS = ("plain", "none", "")
 
@@ -76,6 +78,7 @@ class Generation:
     limits: ImageLimits
     timeout_s: float
     max_new_tokens: int
+    status: dict[str, str] = field(default_factory=dict)  # what /readyz adds
 
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
@@ -149,3 +152,36 @@ def user_message(instruction: str, with_image: bool) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
     content.append({"type": "text", "text": instruction})
     return [{"role": "user", "content": content}]
+
+
+@asynccontextmanager
+async def start_generation(
+    settings: Settings,
+    backbone: LlavaBackbone,
+    residency: Residency[AnswerPlan],
+    on_batch: Callable[[int], None] | None = None,
+) -> AsyncIterator[Generation]:
+    """The answer path on a LLaVA backbone: the generation engine, warmed up."""
+    engine = GenerationEngine(
+        backbone,
+        max_batch_size=settings.gen_max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        on_batch=on_batch,
+    )
+    await engine.start()
+    try:
+        generation = Generation(
+            backbone=backbone,
+            residency=residency,
+            engine=engine,
+            limits=ImageLimits.of(settings),
+            timeout_s=settings.request_timeout_s,
+            max_new_tokens=settings.max_new_tokens,
+        )
+        # one token through the whole path, so the first request does not pay for allocation
+        ids = backbone.encode_chat(user_message("warm up", False), 0)
+        await engine.complete(ids, None, PLAIN_ANSWER_PLAN, Sampling(max_new_tokens=1))
+        yield generation
+    finally:
+        await engine.stop(settings.shutdown_timeout_s)

@@ -143,7 +143,7 @@ def convert_base(
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # what the reference's v1 recipe sets
-    config.image_token_id = int(tokenizer.convert_tokens_to_ids("<image>"))
+    config.image_token_id = int(tokenizer.get_vocab()["<image>"])
     target = DTYPES[dtype] if dtype != "auto" else llm["model.embed_tokens.weight"].dtype
     tower = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=torch.float32).state_dict()
     with torch.device("meta"):

@@ -39,7 +39,7 @@ from service.backbones.llava import LlavaBackbone
 from service.checkpoints import Checkpoint, dump, load, new_manifest
 from service.errors import BackboneMismatch, InvalidContent, MalformedCheckpoint
 from service.importers import llava_files
-from service.prompts.m2pt import HEAD, PROJECTOR_PREFIX
+from service.prompts.m2pt import HEAD, M2PT, PROJECTOR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,9 @@ def architecture(cfg: Mapping[str, Any], backbone: LlavaBackbone) -> list[str]:
     if "mm_hidden_size" not in cfg:
         return []  # not a LLaVA config: the tensors' shapes and keys still say
     one_linear = cfg.get("mm_projector_type", "linear") == "linear"
-    strategy = {"patch": "default", "cls_patch": "full"}.get(cfg.get("mm_vision_select_feature"))
+    strategy = {"patch": "default", "cls_patch": "full"}.get(
+        str(cfg.get("mm_vision_select_feature"))
+    )
     served = {
         "hidden_size": backbone.text_width,
         "num_hidden_layers": backbone.text_layers,
@@ -291,7 +293,7 @@ def import_m2pt(
     }
     try:
         manifest = new_manifest(
-            name, "m2pt", backbone, [], config, metrics=metrics, dropped=result.dropped
+            name, M2PT.name, backbone, [], config, metrics=metrics, dropped=result.dropped
         )
     except ValidationError as exc:
         raise InvalidContent(f"invalid checkpoint name or manifest: {exc}") from exc

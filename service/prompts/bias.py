@@ -9,8 +9,8 @@ checkpoint is exactly the plain backbone. The text side uses the hand-crafted te
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -33,6 +33,8 @@ class BiasTuning(PromptMethod[BiasConfig]):
     Config = BiasConfig
     recipe = Recipe(lr=0.0035, epochs=5, batch_size=4)  # IVLP's: no published config
     source = "Ma et al., Understanding the Multi-modal Prompts of the Pre-trained VLM (2312.11570)"
+    # the proving ground's domain shift is in the images
+    proving_config: ClassVar[Mapping[str, Any]] = {"towers": "vision"}
 
     def shapes(
         self, backbone: ClipBackbone, cfg: BiasConfig, classnames: Sequence[str]

@@ -8,7 +8,7 @@ ones (4 context tokens initialized from "a photo of a").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import Field
@@ -27,6 +27,7 @@ from service.prompts.base import (
     phrase_vectors,
     prompt_text,
 )
+from service.prompts.dassl import Converted, PromptLearnerLayout, context_phrase, f32, learner, take
 from service.prompts.method import MethodConfig, Params
 from service.prompts.plans import Plan
 from service.prompts.recipe import Recipe
@@ -88,11 +89,29 @@ class CoCoOpHead:
         return conditional_classes(self.backbone, params, self.text, image_features)
 
 
+class CoCoOpLayout(PromptLearnerLayout):
+    """KaiyangZhou/CoOp's CoCoOp prompt learner: `ctx` and the meta-net's two layers."""
+
+    title = "CoCoOp"
+    KEYS = ("ctx", *(f"meta_net.linear{i}.{p}" for i in (1, 2) for p in ("weight", "bias")))
+
+    def prompt_keys(self, keys: set[str], prefix: str) -> tuple[list[str], set[str]]:
+        required = [prefix + k for k in self.KEYS]
+        return required, set(required)
+
+    def convert(self, state: Mapping[str, Tensor], ctx_init: str | None) -> Converted:
+        s = learner(state)
+        params = {k: f32(v) for k, v in s.items() if k == "ctx" or k.startswith("meta_net.")}
+        n = take(s, "ctx").shape[0]
+        return params, {"n_ctx": n, "ctx_init": context_phrase(ctx_init, n)}
+
+
 class CoCoOp(PromptMethod[CoCoOpConfig]):
     name = "cocoop"
     Config = CoCoOpConfig
     recipe = Recipe(lr=0.002, epochs=10, batch_size=1)
     source = "Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)"
+    importer = CoCoOpLayout()
 
     def shapes(
         self, backbone: ClipBackbone, cfg: CoCoOpConfig, classnames: Sequence[str]

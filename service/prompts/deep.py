@@ -12,7 +12,7 @@ VPT-deep keeps the text side hand-crafted ("a photo of a {}.").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
+from service.errors import MissingTensor
 from service.prompts.base import (
     ClassifyObjective,
     PromptMethod,
@@ -28,6 +29,17 @@ from service.prompts.base import (
     phrase_vectors,
     prompt_text,
     template_embeddings,
+)
+from service.prompts.dassl import (
+    DEEP,
+    LEARNER,
+    ZS_PREFIX,
+    Converted,
+    DasslLayout,
+    backbone_key,
+    deep_keys,
+    deep_stack,
+    take,
 )
 from service.prompts.losses import promptsrc_regularizers
 from service.prompts.method import MethodConfig, Params
@@ -40,8 +52,33 @@ class VPTConfig(MethodConfig):
     depth_vision: int = Field(default=12, ge=1, le=64)
 
 
+class VPTLayout(DasslLayout):
+    """multimodal-prompt-learning's VPT: the whole model, `image_encoder.VPT` (layer 0) and the
+    image blocks' `VPT_shallow`; no prompt learner (no buffers), the text side hand-crafted."""
+
+    title = "VPT"
+    templates = ("a photo of a {}.",)
+
+    def prefix(self, keys: set[str]) -> str:
+        return ""
+
+    def buffers(self, prefix: str) -> set[str]:
+        return set()
+
+    def prompt_keys(self, keys: set[str], prefix: str) -> tuple[list[str], set[str]]:
+        return ["image_encoder.VPT"], {"image_encoder.VPT"} | deep_keys(keys, "image")
+
+    def convert(self, state: Mapping[str, Tensor], ctx_init: str | None) -> Converted:
+        vision = deep_stack(state, "image", take(state, "image_encoder.VPT"))
+        return {"vision_ctx": vision}, {
+            "n_ctx_vision": vision.shape[1],
+            "depth_vision": len(vision),
+        }
+
+
 class VPTDeep(PromptMethod[VPTConfig]):
     name = "vpt"
+    importer = VPTLayout()
     Config = VPTConfig
     recipe = Recipe(lr=0.0025, epochs=5, batch_size=4)
     source = "Jia et al., Visual Prompt Tuning (ECCV 2022); layout of multimodal-prompt-learning"
@@ -91,8 +128,40 @@ class IVLPConfig(MethodConfig):
         return self
 
 
+class IVLPLayout(DasslLayout):
+    """The whole model: the text context `prompt_learner.ctx` and the text blocks' `VPT_shallow`,
+    and, unless the run prompted language only (PROMPT_DEPTH_VISION 0), VPT's vision prompts."""
+
+    title = "IVLP"
+
+    def prompt_keys(self, keys: set[str], prefix: str) -> tuple[list[str], set[str]]:
+        deep = deep_keys(keys, "image") | deep_keys(keys, "text")
+        return [prefix + "ctx"], {prefix + "ctx", "image_encoder.VPT"} | deep
+
+    def convert(self, state: Mapping[str, Tensor], ctx_init: str | None) -> Converted:
+        text = deep_stack(state, "text", take(state, LEARNER + "ctx"))
+        params = {"text_ctx": text}
+        n_vision = depth_vision = 0
+        if "image_encoder.VPT" in state:
+            vision = deep_stack(state, "image", take(state, "image_encoder.VPT"))
+            params["vision_ctx"] = vision
+            n_vision, depth_vision = vision.shape[1], len(vision)
+        elif any((m := DEEP.match(k)) and m.group(1) == "image" for k in state):
+            raise MissingTensor(
+                "deeper image prompts without image_encoder.VPT, the layer-0 prompt"
+            )
+        return params, {
+            "n_ctx_vision": n_vision,
+            "depth_vision": depth_vision,
+            "n_ctx_text": text.shape[1],
+            "depth_text": len(text),
+            "ctx_init": "a photo of a" if ctx_init is None else ctx_init,
+        }
+
+
 class IVLP(PromptMethod[IVLPConfig]):
     name = "ivlp"
+    importer: DasslLayout = IVLPLayout()
     Config = IVLPConfig
     recipe = Recipe(lr=0.0035, epochs=5, batch_size=4)
     source = "Khattak et al., MaPLe (CVPR 2023) baseline IVLP; multimodal-prompt-learning"
@@ -153,10 +222,39 @@ class PromptSRCConfig(IVLPConfig):
     depth_text: int = Field(default=9, ge=1, le=64)
 
 
+DEFAULT_GPA_EPOCHS = 50  # the longest PromptSRC schedule (used when the file has no epoch)
+MAX_GPA_EPOCHS = 200  # the longest schedule in the reference configs (CoOp, 200 epochs)
+
+
+class PromptSRCLayout(IVLPLayout):
+    """IVLP's prompts, and the frozen CLIP image tower its regularizer used (`ZS_PREFIX`), always
+    saved with the frozen CLIP; every tensor averaged over the epochs (Gaussian prompt
+    aggregation), the frozen ones included (service/importers/frozen.py bounds the rounding)."""
+
+    title = "PromptSRC"
+    zero_shot_tower = True
+
+    def frozen_ok(self, keys: set[str]) -> str | None:
+        zs = any(k.startswith(ZS_PREFIX) for k in keys)
+        frozen_clip = any(backbone_key(k) and not k.startswith(ZS_PREFIX) for k in keys)
+        if frozen_clip and not zs:
+            return (
+                "promptsrc saves its frozen prompt_learner.ZS_image_encoder with the frozen "
+                "CLIP; this file has the frozen CLIP without it"
+            )
+        return None
+
+    def averaged_epochs(self, epoch: object) -> int:
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
+            return min(epoch, MAX_GPA_EPOCHS)
+        return DEFAULT_GPA_EPOCHS
+
+
 class PromptSRC(IVLP):
     """Same prompts as IVLP at serving time; its self-regularization lives in training."""
 
     name = "promptsrc"
+    importer = PromptSRCLayout()
     Config = PromptSRCConfig
     recipe = Recipe(
         lr=0.0025, epochs=20, batch_size=4, text_loss_weight=25.0, image_loss_weight=10.0,

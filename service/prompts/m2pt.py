@@ -45,6 +45,13 @@ HEAD = "head.weight"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+class M2PTOutput:
+    """M²PT's importer hook: the reference's `train_PT.py` output directory (the whole model's
+    weights), read by service/importers/m2pt.py."""
+
+    reference: ClassVar[str] = "William-wAng618/M2PT"
+
+
 class M2PTConfig(MethodConfig):
     n_visual: int = Field(default=10, ge=0, le=256, description="visual prompt tokens per layer")
     n_text: int = Field(default=10, ge=0, le=256, description="textual prompt tokens per layer")
@@ -151,6 +158,7 @@ class M2PT(MethodBase[M2PTConfig]):
         schedule="constant", mixed_precision="off",
     )  # fmt: skip
     source = "Wang et al., M²PT (EMNLP 2024); William-wAng618/M2PT"
+    importer = M2PTOutput()
 
     def shapes(
         self, backbone: LlavaBackbone, cfg: M2PTConfig, classnames: Sequence[str] = ()

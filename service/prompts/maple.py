@@ -9,13 +9,15 @@ the phrase, "of a", stays as fixed words in the text prompt, as in the reference
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from service.backbones.clip import ClipBackbone
+from service.errors import ExtraTensor
 from service.prompts.base import (
     PromptMethod,
     ctx_prefix,
@@ -24,6 +26,7 @@ from service.prompts.base import (
     phrase_vectors,
     prompt_text,
 )
+from service.prompts.dassl import LEARNER, Converted, DasslLayout, take
 from service.prompts.method import MethodConfig, Params
 from service.prompts.recipe import Recipe
 
@@ -43,11 +46,52 @@ def _uses_phrase(cfg: MaPLeConfig) -> bool:
     return bool(cfg.ctx_init) and cfg.n_ctx <= 4
 
 
+class MaPLeLayout(DasslLayout):
+    """The whole model: `prompt_learner.ctx`, `proj.*`, and per deeper layer i
+    `compound_prompts_text.i` and `compound_prompt_projections.i.*`."""
+
+    title = "MaPLe"
+    DEEP = re.compile(
+        r"^prompt_learner\.compound_prompt(s_text\.\d+|_projections\.\d+\.(weight|bias))$"
+    )
+
+    def prompt_keys(self, keys: set[str], prefix: str) -> tuple[list[str], set[str]]:
+        required = [prefix + k for k in ("ctx", "proj.weight", "proj.bias")]
+        return required, set(required) | {k for k in keys if self.DEEP.match(k)}
+
+    def convert(self, state: Mapping[str, Tensor], ctx_init: str | None) -> Converted:
+        pre = LEARNER
+        ctx = take(state, pre + "ctx")
+        params = {
+            "ctx": ctx,
+            "proj.weight": take(state, pre + "proj.weight"),
+            "proj.bias": take(state, pre + "proj.bias"),
+        }
+        depth = 1 + sum(1 for k in state if k.startswith(pre + "compound_prompts_text."))
+        deeper = range(depth - 1)
+        proj = [f"{pre}compound_prompt_projections.{i}" for i in deeper]
+        expected = {f"{pre}compound_prompts_text.{i}" for i in deeper}
+        expected |= {p + suffix for p in proj for suffix in (".weight", ".bias")}
+        unused = sorted(
+            k for k in state if k.startswith(pre + "compound_prompt") and k not in expected
+        )
+        if unused:
+            raise ExtraTensor(f"maple prompts beyond its {depth} layers: {', '.join(unused)}")
+        if depth > 1:
+            text = [take(state, f"{pre}compound_prompts_text.{i}") for i in deeper]
+            params["deep_text"] = torch.stack(text)
+            params["deep_proj.weight"] = torch.stack([take(state, p + ".weight") for p in proj])
+            params["deep_proj.bias"] = torch.stack([take(state, p + ".bias") for p in proj])
+        phrase = "a photo of a" if ctx_init is None else ctx_init
+        return params, {"n_ctx": ctx.shape[0], "depth": depth, "ctx_init": phrase}
+
+
 class MaPLe(PromptMethod[MaPLeConfig]):
     name = "maple"
     Config = MaPLeConfig
     recipe = Recipe(lr=0.0035, epochs=5, batch_size=4)
     source = "Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023)"
+    importer = MaPLeLayout()
 
     def shapes(
         self, backbone: ClipBackbone, cfg: MaPLeConfig, classnames: Sequence[str]

@@ -66,6 +66,16 @@ class Method(Protocol[B, C, P]):
     source: ClassVar[str]  # the paper and reference code it follows
 
     @property
+    def importer(self) -> Importer | None:
+        """The hook converting its reference code's checkpoints, if any."""
+        ...
+
+    @property
+    def proving_config(self) -> Mapping[str, Any]:
+        """Config overrides for the proving ground's small CLIP (tests, demo, METHODS table)."""
+        ...
+
+    @property
     def recipe(self) -> Recipe | None:
         """The default training recipe; None: nothing to train."""
         ...
@@ -118,6 +128,14 @@ class Method(Protocol[B, C, P]):
         ...
 
 
+class Importer(Protocol):
+    """A method's hook for a reference implementation's checkpoint files: what its tensors mean
+    and how they become the method's parameters (service/importers reads the files themselves;
+    the hook's type says which reader: prompts/dassl.py's `DasslLayout`, M²PT's output)."""
+
+    reference: ClassVar[str]  # whose files it reads
+
+
 class MethodBase(Generic[Cfg]):
     """What every method shares: config validation and `trainable`."""
 
@@ -125,6 +143,10 @@ class MethodBase(Generic[Cfg]):
     Config: type[Cfg]
     recipe: ClassVar[Recipe | None] = None
     source: ClassVar[str] = ""
+    importer: Importer | None = None  # converts the reference code's checkpoints, if any
+    # config overrides for the proving ground's small CLIP (tests, demo, METHODS table): the
+    # published defaults are tuned for ViT-B/16
+    proving_config: ClassVar[Mapping[str, Any]] = {}
 
     @property
     def trainable(self) -> bool:

@@ -92,6 +92,14 @@ class Plan:
         depth, n, _ = self.vision_tokens.shape
         return Signature(depth, n, self.placement)
 
+    @property
+    def vision_key(self) -> Hashable:
+        """Plans with equal keys produce identical image features: every plan without vision
+        tokens and biases sees the plain features; a prompted plan only its own."""
+        if self.vision_tokens is None and self.vision_bias is None:
+            return PLAIN
+        return id(self)
+
     def logits(self, image_features: Tensor) -> Tensor:
         """Logits `[B, C]` from normalized image features `[B, e]`: one matrix product."""
         feats = image_features.to(torch.float32)

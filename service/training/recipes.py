@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.prompts.registry import METHODS
+
 PROVING_RECIPE: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 0.03,
@@ -14,5 +16,8 @@ PROVING_RECIPE: dict[str, Any] = {
     "warmup_epochs": 0,
     "weight_decay": 0.0,
 }
-# Configs for the small backbone, by method (the defaults elsewhere): a proving-ground setting.
-PROVING_CONFIG: dict[str, dict[str, Any]] = {"coop": {"n_ctx": 4}, "bias": {"towers": "vision"}}
+# Configs for the small backbone, by method (each method's `proving_config`; the defaults
+# elsewhere): a proving-ground setting.
+PROVING_CONFIG: dict[str, dict[str, Any]] = {
+    name: dict(m.proving_config) for name, m in METHODS.items() if m.proving_config
+}

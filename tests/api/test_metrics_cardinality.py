@@ -21,7 +21,7 @@ def series(client) -> set[tuple[str, tuple]]:
 
 
 def test_1000_checkpoints_and_1000_unknown_names_add_no_series(client, backbone):
-    store = client.app.state.services.store
+    store = client.app.state.store
     names = [f"ckpt-{i}" for i in range(1000)]
     ckpt = parse(checkpoint(backbone, name="template"))
     m = ckpt.manifest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.forward import classify, encode, gather_prompts, group_by_signature
+from service.engine.forward import classify, encode, gather_prompts, group, signature
 from service.prompts import get_method
 
 
@@ -68,7 +68,7 @@ def test_text_only_and_bias_only_plans_share_the_plain_pass(
         _plan(backbone, "bias", classnames, 3, {"towers": "vision", "depth_vision": 1}),
         _plan(backbone, "dualview", classnames, 4),
     ]
-    assert len(group_by_signature(plans)) == 1
+    assert len(group(plans, signature)) == 1
     alone = [classify(backbone, images[i : i + 1], [plans[i]])[0] for i in range(5)]
     counter = Counter(backbone.encode_image)
     monkeypatch.setattr(backbone, "encode_image", counter)
@@ -86,7 +86,7 @@ def test_different_signatures_get_one_pass_each(backbone, images, classnames, mo
         _plan(backbone, "vpt", classnames, 1),
         _plan(backbone, "cocoop", classnames, 0),
     ]
-    assert len(group_by_signature(plans)) == 3
+    assert len(group(plans, signature)) == 3
     alone = [encode(backbone, images[i : i + 1], [plans[i]])[0] for i in range(5)]
     counter = Counter(backbone.encode_image)
     monkeypatch.setattr(backbone, "encode_image", counter)

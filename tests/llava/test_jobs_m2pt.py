@@ -88,7 +88,7 @@ def test_a_llava_server_on_the_file_store_runs_jobs_itself(llava, tmp_path):
 
     settings = Settings(backbone="llava", store=f"file://{tmp_path / 'store'}")
     with TestClient(create_app(settings, backbone=llava)) as client:
-        assert isinstance(client.app.state.services.jobs, LocalJobs)
+        assert isinstance(client.app.state.jobs, LocalJobs)
         r = client.post("/v1/jobs", json=spec(tmp_path / "train.json").model_dump())
         assert r.status_code == 202, r.text  # queued; its child would load the LLaVA
         assert client.delete(f"/v1/jobs/{r.json()['id']}").status_code in (200, 202)
