@@ -39,12 +39,11 @@ from service.backbones.llava import LlavaBackbone
 from service.checkpoints import Checkpoint, dump, load, new_manifest
 from service.errors import BackboneMismatch, InvalidContent, MalformedCheckpoint
 from service.importers import llava_files
-from service.prompts.m2pt import HEAD, M2PT, PROJECTOR_PREFIX
+from service.prompts.m2pt import HEAD, M2PT, PROJECTOR_PREFIX, M2PTOutput
 
 log = logging.getLogger(__name__)
 
-VISION = re.compile(r"(?:^|\.)vision_model\.encoder\.prompts\.(\d+)$")
-TEXT = re.compile(r"^(?:.*\.)?model\.prompts\.(\d+)$")
+OUTPUT = M2PTOutput()  # the method's own declaration of the reference's saved layout
 ANOTHER_BASE = 0.5  # more than this share of the frozen tensors differ: trained on another base
 SHOWN = 5
 
@@ -77,16 +76,17 @@ def same(saved: Tensor, served: Tensor) -> bool:
     return bool(hit.all())
 
 
-def compare(src: Path, backbone: LlavaBackbone, drop: Sequence[str] = ()) -> Comparison:
+def compare(
+    src: Path, backbone: LlavaBackbone, drop: Sequence[str] = (), layout: M2PTOutput = OUTPUT
+) -> Comparison:
     """Every tensor of the saved model against the served base (see the module docstring)."""
     served = backbone.model.state_dict()
-    trainable = {f"model.multi_modal_projector.{k}" for k in backbone.projector_shapes()}
     out = Comparison(architecture=architecture(llava_files.config(src), backbone))
     forms: set[str] = set()
     for key, tensor in llava_files.read_all(src):
         if key.startswith(llava_files.PROJECTOR_PREFIX):
             forms.add("mlp" if key.count(".") > 2 else "one Linear")
-        if VISION.search(key) or TEXT.match(key):
+        if layout.is_prompt(key):
             out.prompts[key] = tensor
             continue
         target = llava_files.served_key(key, served)
@@ -99,7 +99,7 @@ def compare(src: Path, backbone: LlavaBackbone, drop: Sequence[str] = ()) -> Com
         if tuple(tensor.shape) != tuple(base.shape):
             out.architecture.append(f"{key} {list(tensor.shape)} (served {list(base.shape)})")
             continue
-        ours = _param_name(target, trainable)
+        ours = layout.parameter(target, backbone)
         out.frozen += ours is None
         if same(tensor, base):
             out.equal.append(key)
@@ -136,14 +136,6 @@ def architecture(cfg: Mapping[str, Any], backbone: LlavaBackbone) -> list[str]:
     if strategy is not None and strategy != backbone.strategy:
         out.append(f"mm_vision_select_feature {cfg['mm_vision_select_feature']}")
     return out
-
-
-def _param_name(target: str, trainable: set[str]) -> str | None:
-    if target == "lm_head.weight":
-        return HEAD
-    if target in trainable:
-        return PROJECTOR_PREFIX + target.removeprefix("model.multi_modal_projector.")
-    return None
 
 
 def _matches(key: str, drop: Sequence[str]) -> str | None:
@@ -223,7 +215,7 @@ def _stack(state: Mapping[str, Tensor], pattern: re.Pattern[str], which: str) ->
 
 
 def convert(
-    result: Comparison, backbone: LlavaBackbone
+    result: Comparison, backbone: LlavaBackbone, layout: M2PTOutput = OUTPUT
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The comparison's trained tensors -> (our m2pt parameters, our method config).
 
@@ -233,7 +225,7 @@ def convert(
     """
     params: dict[str, Tensor] = {}
     config: dict[str, Any] = {"n_visual": 0, "n_text": 0}
-    vision = _stack(result.prompts, VISION, "visual")
+    vision = _stack(result.prompts, layout.visual, "visual")
     if vision is not None:
         keep = backbone.vision_layers
         for i in range(keep, len(vision)):
@@ -244,7 +236,7 @@ def convert(
             )  # fmt: skip
         params["visual_prompts"] = vision[:keep].contiguous()
         config.update(n_visual=int(vision.shape[1]), visual_depth=min(keep, len(vision)))
-    text = _stack(result.prompts, TEXT, "textual")
+    text = _stack(result.prompts, layout.text, "textual")
     if text is not None:
         params["text_prompts"] = text
         config.update(n_text=int(text.shape[1]), text_depth=len(text))
@@ -274,14 +266,17 @@ def import_m2pt(
     backbone: LlavaBackbone,
     drop: Sequence[str] = (),
     conversation: str = "llava_v1",
+    layout: M2PTOutput = OUTPUT,
+    method: str = M2PT.name,
 ) -> tuple[Checkpoint, bytes]:
-    """Convert a reference M²PT output into a validated promptserve checkpoint (and its bytes)."""
+    """Convert a reference M²PT output into a validated promptserve checkpoint (and its bytes);
+    `layout` is the importing method's hook (`method`'s `importer`)."""
     if not isinstance(backbone, LlavaBackbone):
         raise InvalidContent("m2pt checkpoints import onto a LLaVA backbone: pass --backbone llava")
     src = Path(src)
-    result = compare(src, backbone, drop)
+    result = compare(src, backbone, drop, layout)
     check(result, backbone, src)
-    params, config = convert(result, backbone)
+    params, config = convert(result, backbone, layout)
     if conversation != "none":
         config["conversation"] = template(conversation).model_dump()
     cfg = llava_files.config(src)
@@ -293,7 +288,7 @@ def import_m2pt(
     }
     try:
         manifest = new_manifest(
-            name, M2PT.name, backbone, [], config, metrics=metrics, dropped=result.dropped
+            name, method, backbone, [], config, metrics=metrics, dropped=result.dropped
         )
     except ValidationError as exc:
         raise InvalidContent(f"invalid checkpoint name or manifest: {exc}") from exc

@@ -22,6 +22,7 @@ before it, with only the declared tensors trained.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +46,34 @@ HEAD = "head.weight"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+@dataclass(frozen=True)
 class M2PTOutput:
-    """M²PT's importer hook: the reference's `train_PT.py` output directory (the whole model's
-    weights), read by service/importers/m2pt.py."""
+    """M²PT's importer hook: what the reference's `train_PT.py` output (the whole model's state
+    dict in LLaVA v1 key names, read by service/importers/m2pt.py) holds of this method's
+    parameters. Every other saved tensor is the base's, compared with the served one."""
 
     reference: ClassVar[str] = "William-wAng618/M2PT"
+    # per-layer prompts `[1, n, d]`, the layer in group 1: the tower's encoder and the decoder's
+    visual: re.Pattern[str] = re.compile(r"(?:^|\.)vision_model\.encoder\.prompts\.(\d+)$")
+    text: re.Pattern[str] = re.compile(r"^(?:.*\.)?model\.prompts\.(\d+)$")
+    # base tensors (served names) the reference trains: `lm_head` (re-created as a parameter;
+    # `tune_lm_header`) and the projector (`tune_mm_mlp_adapter`): ours when they differ
+    head: str = "lm_head.weight"
+    projector: str = "model.multi_modal_projector."
+
+    def is_prompt(self, key: str) -> bool:
+        """A saved key that is one of the reference's prompts (no base tensor)."""
+        return bool(self.visual.search(key) or self.text.match(key))
+
+    def parameter(self, served: str, backbone: LlavaBackbone) -> str | None:
+        """Our parameter for a base tensor the reference may train (None: a frozen one); only
+        the projector tensors the served base carries (v1's one Linear: `linear_1`)."""
+        if served == self.head:
+            return HEAD
+        rest = served.removeprefix(self.projector)
+        if rest == served or rest not in backbone.projector_shapes():
+            return None
+        return PROJECTOR_PREFIX + rest
 
 
 class M2PTConfig(MethodConfig):
