@@ -12,7 +12,7 @@ Read from the reference (William-wAng618/M2PT: `scripts/PT_full_schedule.sh`, `t
   the trained projector and the trained `lm_head` (re-created as a parameter, recipe
   `tune_lm_header`), the prompts `model.prompts.N` `[1, nt, d]` and
   `model.vision_tower.vision_tower.vision_model.encoder.prompts.N` `[1, nv, d]`, and a config.json
-  naming its base.
+  naming its base, and the tokenizer the trainer was given.
 """
 
 from __future__ import annotations
@@ -143,8 +143,14 @@ def run_state(rel: Releases, seed: int = 7, scale: float = 1.0) -> dict[str, Ten
 
 
 def save_run(state: dict[str, Tensor], rel: Releases, out: Path) -> Path:
-    """As `save_pretrained` (transformers 4.31) writes it: two shards, an index, config.json."""
+    """As `trainer.save_model` (transformers 4.31) writes it: two shards, an index, config.json,
+    and the tokenizer (the trainer is given it; the v1 recipe pads with unk)."""
+    from transformers import AutoTokenizer
+
     out.mkdir(parents=True)
+    tok = AutoTokenizer.from_pretrained(str(rel.vicuna))
+    tok.pad_token = tok.unk_token
+    tok.save_pretrained(str(out))
     keys = sorted(state)
     shards = {"pytorch_model-00001-of-00002.bin": keys[::2]}
     shards["pytorch_model-00002-of-00002.bin"] = keys[1::2]

@@ -391,3 +391,72 @@ def test_residency_counts_a_checkpoints_head_and_projector_bytes(
     health = r.health()
     assert health["device_bytes"] == 2 * plan.nbytes and r.stats.demotions == 1
     store.close()
+
+
+def test_the_import_command_finds_m2pts_hook_and_reports_what_it_imported(
+    base: Path, run: tuple[dict[str, Tensor], Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from service.checkpoints import parse
+
+    out = tmp_path / "flan.safetensors"
+    argv = ["import", str(run[1]), "--name", "flan", "--out", str(out), "--backbone", "llava"]
+    argv += ["--model", str(base), "--pretrained", str(base), "--drop", "lm_head.weight"]
+    assert main(argv) == 0  # no --method: the LLaVA methods' hooks say who reads the run
+    said = capsys.readouterr().out
+    assert f"{NV} visual and {NT} textual" in said and "trained projector," in said
+    assert "1 dropped" in said
+    manifest = parse(out.read_bytes()).manifest
+    assert manifest.method == "m2pt" and manifest.dropped[0]["tensor"] == "lm_head.weight"
+
+
+def test_the_import_follows_the_layout_the_method_declares(
+    bb: LlavaBackbone, run: tuple[dict[str, Tensor], Path]
+) -> None:
+    """The reference's key vocabulary is M²PT's own declaration (its `importer`): a hook that
+    does not know the textual prompts' keys makes them tensors with no place, refused by name."""
+    import dataclasses
+    import re
+
+    from service.errors import InvalidContent
+    from service.prompts.m2pt import M2PTOutput
+    from service.prompts.registry import get_method
+
+    hook = get_method("m2pt").importer
+    assert isinstance(hook, M2PTOutput) and hook.is_prompt(TXT.format(2))
+    blind = dataclasses.replace(hook, text=re.compile(r"^$"))
+    with pytest.raises(InvalidContent, match="would lose") as err:
+        import_m2pt(run[1], name="x", backbone=bb, layout=blind)
+    assert TXT.format(0) in str(err.value) and "no place in the served model" in str(err.value)
+
+
+def test_the_base_converts_from_a_saved_run_too_and_checkpoints_name_their_base(
+    rel: Releases, base: Path, bb: LlavaBackbone, run: tuple[dict[str, Tensor], Path],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A run's saved model is its base in bf16 (plus its prompts, projector and head): with the
+    releases' projector and head it converts to the very base the releases give at bf16. A
+    checkpoint imported onto one base is refused on another (fingerprint), with a clear error."""
+    from service.backbones.llava_loading import load_llava
+    from service.checkpoints import load
+    from service.errors import BackboneMismatch, InvalidContent
+    from service.importers.llava_base import convert_base
+
+    pieces = {"vision_tower": rel.clip, "projector": rel.projector, "dtype": "bfloat16"}
+    from_releases = convert_base(rel.vicuna, tmp_path / "a", **pieces)  # type: ignore[arg-type]
+    from_run = convert_base(
+        run[1], tmp_path / "b", lm_head=rel.vicuna / "model.safetensors", **pieces  # type: ignore[arg-type]
+    )
+    assert from_run["fingerprint"] == from_releases["fingerprint"]
+    # the run's prompts are not the base's, and its copy of the tower is its bf16 cast
+    not_base = [k for k in run[0] if k.startswith(("model.vision_tower.", "model.prompts."))]
+    assert from_run["ignored_from_src"] == len(not_base)
+    without = convert_base(run[1], tmp_path / "c", **pieces)  # type: ignore[arg-type]
+    assert without["fingerprint"] != from_releases["fingerprint"]  # the run's trained head in it
+    with pytest.raises(InvalidContent, match="pass --projector"):
+        convert_base(rel.vicuna, tmp_path / "d", vision_tower=rel.clip)
+    bf16 = load_llava(str(tmp_path / "a"), str(tmp_path / "a"))
+    assert bf16.fingerprint == from_releases["fingerprint"] != bb.fingerprint
+    _, data = import_m2pt(run[1], name="flan", backbone=bb)
+    with pytest.raises(BackboneMismatch, match=f"trained on backbone .*{bb.fingerprint[:19]}"):
+        load(data, bf16)
