@@ -442,16 +442,17 @@ def test_the_base_converts_from_a_saved_run_too_and_checkpoints_name_their_base(
     from service.errors import BackboneMismatch, InvalidContent
     from service.importers.llava_base import convert_base
 
-    pieces = {"vision_tower": rel.clip, "projector": rel.projector, "dtype": "bfloat16"}
-    from_releases = convert_base(rel.vicuna, tmp_path / "a", **pieces)  # type: ignore[arg-type]
+    pieces: dict[str, Any] = {"vision_tower": rel.clip, "projector": rel.projector}
+    pieces["dtype"] = "bfloat16"
+    from_releases = convert_base(rel.vicuna, tmp_path / "a", **pieces)
     from_run = convert_base(
-        run[1], tmp_path / "b", lm_head=rel.vicuna / "model.safetensors", **pieces  # type: ignore[arg-type]
+        run[1], tmp_path / "b", lm_head=rel.vicuna / "model.safetensors", **pieces
     )
     assert from_run["fingerprint"] == from_releases["fingerprint"]
     # the run's prompts are not the base's, and its copy of the tower is its bf16 cast
     not_base = [k for k in run[0] if k.startswith(("model.vision_tower.", "model.prompts."))]
     assert from_run["ignored_from_src"] == len(not_base)
-    without = convert_base(run[1], tmp_path / "c", **pieces)  # type: ignore[arg-type]
+    without = convert_base(run[1], tmp_path / "c", **pieces)
     assert without["fingerprint"] != from_releases["fingerprint"]  # the run's trained head in it
     with pytest.raises(InvalidContent, match="pass --projector"):
         convert_base(rel.vicuna, tmp_path / "d", vision_tower=rel.clip)
