@@ -69,7 +69,9 @@ def test_training_lowers_the_loss_and_the_checkpoint_is_served(
         method="m2pt",
         dataset=DatasetSpec(kind="llava_json", split_file=str(conversations(tmp_path))),
         method_config={
-            "n_visual": 4, "n_text": 4, "train_projector": train_projector,
+            "n_visual": 4,
+            "n_text": 4,
+            "train_projector": train_projector,
             "train_head": train_head,
         },  # fmt: skip
         recipe={"lr": 0.05, "epochs": 25, "batch_size": 4},
