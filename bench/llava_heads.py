@@ -12,7 +12,8 @@ distinct heads, against the same batch on one shared head.
    16 rows computes it (`grouped.head_logits`): with a shared head the step reads 262 MB of head
    weights, with k distinct heads k x 262 MB. Decode is bound by memory reads, so on a GPU the
    extra time per step is about k x 262 MB / bandwidth; this CPU figure shows the scaling.
-3. Residency's byte count for a 7B M²PT checkpoint with its head (the AnswerPlan, as served),
+3. What the head reads mean for one decode step of LLaVA-v1-7B (bytes model, printed as such).
+4. Residency's byte count for a 7B M²PT checkpoint with its head (the AnswerPlan, as served),
    and how many fit in 80 GB next to the base.
 """
 
@@ -50,6 +51,10 @@ def plans(bb: Any, distinct: int) -> list[AnswerPlan]:
     for i in range(distinct):
         gen = torch.Generator().manual_seed(i)
         head = base.float() + 0.01 * torch.randn(base.shape, generator=gen)
+        # an end-of-sequence logit of exactly 0 never beats the largest of the others: every row
+        # runs its full length, as on the base's head (a row stopping early would cut tokens, not
+        # cost, and make the configurations incomparable)
+        head[sorted(bb.eos_ids)] = 0.0
         made.append(dataclasses.replace(prompts, head=head.to(base.dtype)))
     return [made[i % distinct] for i in range(ROWS)]
 
@@ -71,6 +76,7 @@ async def engine_tps(
             *(engine.complete(ids, pixels, p, Sampling(max_new_tokens=n)) for p in rows)
         )
         made = sum(len(t) for t, _ in outs)
+        assert made == n * len(rows), "a row stopped early: the figures would not compare"
         return made / (time.perf_counter() - start), made / (time.process_time() - cpu)
 
     best = dict.fromkeys(configs, (0.0, 0.0))
@@ -118,6 +124,18 @@ def seven_b_plan() -> AnswerPlan:
     )
 
 
+def decode_step_gb(distinct: int, context: int = 512) -> float:
+    """GB one decode step of 16 rows reads on LLaVA-v1-7B (bf16): the decoder's layers (Vicuna's
+    6.74 B parameters less its embedding and head, 131 M each), each row's KV cache (32 layers x
+    K and V x 4096 x 2 bytes per position, `context` positions) and the heads (at least the base's
+    or one shared one). Decode at this batch is bound by these reads on a GPU, so the ratio of
+    two configurations' bytes predicts the ratio of their step times there."""
+    head = 32000 * 4096 * 2
+    layers = (6.74e9 - 2 * 32000 * 4096) * 2
+    kv = ROWS * context * 32 * 2 * 4096 * 2
+    return (layers + kv + max(distinct, 1) * head) / GB
+
+
 def main(tokens: int, repeats: int) -> None:
     torch.set_num_threads(2)
     bb = make_backbone(0)
@@ -140,11 +158,19 @@ def main(tokens: int, repeats: int) -> None:
     for k in (1, 4, 16):
         ms = head_step_ms(k, repeats)
         print(f"| {k} distinct | {k * 262} MB | {ms:.1f} | {ms / one:.2f} |")
+    print(f"\n3. bytes read by one decode step of {ROWS} rows on LLaVA-v1-7B, bf16, 512-token "
+          "contexts (a model of memory-bound decode, not a measurement)")  # fmt: skip
+    print("| heads in the batch | GB per step | predicted tokens/s vs shared |")
+    print("|---|---:|---:|")
+    shared_gb = decode_step_gb(0)
+    for k in (0, 1, 4, 16):
+        gb = decode_step_gb(k)
+        print(f"| {k or 'shared'}{' distinct' if k else ''} | {gb:.2f} | {shared_gb / gb:.2f} |")
     plan = seven_b_plan()
     head = plan.head.nbytes if plan.head is not None else 0
     base = (6.74e9 + 0.30e9 + 4.2e6) * 2  # Vicuna-7B + CLIP ViT-L/14 + projector, bf16
     for kv in (0, 16):
         free = 80 * GB - base - kv * GB
-        print(f"\n3. 7B M²PT checkpoint resident: {plan.nbytes / 1e6:.0f} MB (head "
+        print(f"\n4. 7B M²PT checkpoint resident: {plan.nbytes / 1e6:.0f} MB (head "
               f"{head / 1e6:.0f} MB); 80 GB - base {base / GB:.1f} GB - KV cache "
               f"{kv} GB holds {int(free // plan.nbytes)} of them")  # fmt: skip
