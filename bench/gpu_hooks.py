@@ -99,9 +99,18 @@ def peers(ctx: Any) -> str:
 
 
 # --- issue 16: served img/s vs the raw CUDA-graph bf16 encoder --------------------------------
+def split_frontends(ctx: Any) -> int:
+    """The front ends of the split run: the cores left beside the engine and the clients."""
+    if ctx.dry:
+        return 2
+    cores = len(peers_mod._cpus(ctx.server_cpus))  # the servers' taskset
+    return max(2, min(12, cores - 2))
+
+
 def issue16(ctx: Any) -> str:
-    """Today's single-process server against its own encoder's ceiling (the issue's targets:
-    served >= 0.7x raw for ViT-B/16, >= 0.5x for ViT-B/32, 224x224 JPEG, >= 128 clients)."""
+    """The served rate against the encoder's own ceiling, in one process and with N front ends
+    (the issue's targets: served >= 0.7x raw for ViT-B/16, >= 0.5x for ViT-B/32, 224x224 JPEG,
+    >= 128 clients)."""
     from bench.gpu import md
     from bench.runtimes import interleaved
     from service.engine.runtimes.base import TorchRuntime
@@ -131,20 +140,24 @@ def issue16(ctx: Any) -> str:
             torch.cuda.empty_cache()  # the server below needs the GPU to itself
         args = peer_args(ctx, model=model)
         weights, _ = peers_mod.save_weights(cpu, args.var, None)
-        proc, base, _ = peers_mod.start(Variant(model, "promptserve", serving_env(ctx)), args,
-                                        weights, None, None)  # fmt: skip
-        try:
-            blob = checkpoint_bytes(cpu, "coop", "coop", 10, seed=0)
-            httpx.post(f"{base}/v1/checkpoints", files={"file": ("c", blob)}, timeout=300)
-            body = {"checkpoint": "coop", "images": [_b64(224, 224)]}
-            httpx.post(base + "/v1/classify", json=body, timeout=300).raise_for_status()
-            drive_procs(base, [body], ctx.clients, 2, ctx.client_procs)  # warm
-            got = drive_procs(base, [body], ctx.clients, ctx.phase(3), ctx.client_procs)
-        finally:
-            peers_mod.stop(proc)
-        served = got["steady_ok_per_s"] or 0.0
-        rows.append({"model": model, "raw_img_s": round(raw, 1), "clients": ctx.clients,
-                     "served": _cell(got), "ratio": round(served / raw, 3)})  # fmt: skip
+        for frontends in (1, split_frontends(ctx)):
+            env = {**serving_env(ctx), "PROMPTSERVE_FRONTENDS": str(frontends),
+                   "PROMPTSERVE_LOCAL_JOBS": "false"}  # fmt: skip
+            proc, base, _ = peers_mod.start(Variant(model, "promptserve", env), args, weights,
+                                            None, None)  # fmt: skip
+            try:
+                blob = checkpoint_bytes(cpu, "coop", "coop", 10, seed=0)
+                httpx.post(f"{base}/v1/checkpoints", files={"file": ("c", blob)}, timeout=300)
+                body = {"checkpoint": "coop", "images": [_b64(224, 224)]}
+                httpx.post(base + "/v1/classify", json=body, timeout=300).raise_for_status()
+                drive_procs(base, [body], ctx.clients, 2, ctx.client_procs)  # warm
+                got = drive_procs(base, [body], ctx.clients, ctx.phase(3), ctx.client_procs)
+            finally:
+                peers_mod.stop(proc)
+            served = got["steady_ok_per_s"] or 0.0
+            rows.append({"model": f"{model}, {frontends} front end(s)", "raw_img_s": round(raw, 1),
+                         "clients": ctx.clients, "served": _cell(got),
+                         "ratio": round(served / raw, 3)})  # fmt: skip
     ctx.results["issue16"] = rows
     return md(
         ["model", "raw CUDA-graph bf16 b32 img/s" if ctx.cuda else "raw eager img/s", "clients",
@@ -153,6 +166,25 @@ def issue16(ctx: Any) -> str:
          [r["model"], r["raw_img_s"], r["clients"], r["served"]["img_s"], r["ratio"],
           r["served"]["p50_ms"], r["served"]["p99_ms"], r["served"]["statuses"]] for r in rows],
     )  # fmt: skip
+
+
+def frontends(ctx: Any) -> str:
+    """bench/frontend.py on the GPU host's cores: img/s and CPU ms per image for 1..12 front
+    ends on the null engine (the target: N front ends >= 0.8 N x one, up to 12)."""
+    import subprocess
+    import sys
+
+    counts = "1,2" if ctx.dry else "1,2,4,8,12"
+    seconds = "1" if ctx.dry else str(max(2, min(5, int(ctx.left() / 40))))
+    cmd = [sys.executable, "bench/frontend.py", "--frontends", counts, "--seconds", seconds,
+           "--sizes", "224", "--formats", "json",
+           "--gen-procs", "1" if ctx.dry else "4"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, ctx.left() - 5))
+    table = "\n".join(line for line in done.stdout.splitlines() if line.startswith(("|", "load")))
+    ctx.results["frontends"] = {"returncode": done.returncode, "table": table}
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return table
 
 
 # --- issue 21: LLaVA-1.5-7B-shaped decode against the memory-bandwidth bound ------------------
