@@ -73,7 +73,7 @@ def test_training_lowers_the_loss_and_the_checkpoint_is_served(
             "n_text": 4,
             "train_projector": train_projector,
             "train_head": train_head,
-        },  # fmt: skip
+        },
         recipe={"lr": 0.05, "epochs": 25, "batch_size": 4},
     )
     rows: list[dict[str, object]] = []
