@@ -1,6 +1,7 @@
 """Generation throughput on the tiny in-test LLaVA: 1 request vs 8 concurrent, prompts vs plain.
 
     .venv/bin/python -m bench.llava [--tokens 32] [--repeats 3]
+    .venv/bin/python -m bench.llava --heads [--tokens 16] [--repeats 3]   (bench/llava_heads.py)
 
 Tokens/s counts generated tokens (greedy, no early stop on this random model) over wall time,
 through the engine (batched prefill + KV-cached decode). The M²PT overhead is the ratio of
@@ -65,5 +66,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--heads", action="store_true", help="per-checkpoint output heads' cost")
     a = p.parse_args()
-    asyncio.run(main(a.tokens, a.repeats))
+    if a.heads:
+        from bench import llava_heads
+
+        llava_heads.main(a.tokens, a.repeats)
+    else:
+        asyncio.run(main(a.tokens, a.repeats))

@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     )
     # the store and residency
     store: str = Field(default="file://var/store", description="file://DIR or redis://HOST:PORT/DB")
-    max_checkpoint_bytes: int = Field(default=256 * 2**20, ge=1024)
+    # a 7B output head in bf16 is 250 MiB (M²PT checkpoints carry one)
+    max_checkpoint_bytes: int = Field(default=320 * 2**20, ge=1024)
     # training jobs (run by `promptserve worker`)
     queue: str | None = Field(
         default=None,

@@ -124,7 +124,8 @@ class Generation:
         plan, name, version = await self.plan(ref)
         try:
             # the plan decides how many positions each image takes (visual prompts add some)
-            ids = self.backbone.encode_chat(messages, len(images), plan.n_visual)
+            # and the template: a checkpoint's own (the one it was trained with) by default
+            ids = self.backbone.encode_chat(messages, len(images), plan.n_visual, plan.conversation)
         except errors.PromptServeError:
             raise
         except Exception as exc:  # a chat template refusing the roles' order, for one
