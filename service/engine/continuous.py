@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import torch
@@ -138,7 +139,7 @@ class ContinuousEngine(QueueWorker[GenRequest]):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            continued, admitted = self._plan()
+            continued, admitted = plan_next(self.batch, self._queue, self.step_tokens)
             assert self._executor is not None
             try:
                 decoded = await loop.run_in_executor(
@@ -156,21 +157,6 @@ class ContinuousEngine(QueueWorker[GenRequest]):
                     with contextlib.suppress(Exception):
                         self._on_batch(decoded)
 
-    def _plan(self) -> tuple[list[tuple[Row, int]], list[tuple[GenRequest, int]]]:
-        """This step's prefill chunks and admissions (the worker is idle: state is stable)."""
-        batch = self.batch
-        queued = list(self._queue)[: batch.free_slots]
-        waiting = [
-            Waiting(r.plan_text + len(r.ids), min(r.plan_text + 1, r.plan_text + len(r.ids)))
-            for r in queued
-        ]
-        prefilling = list(batch.prefilling)
-        plan = plan_step(
-            batch.n, [r.remaining for r in prefilling], waiting, batch.free_slots, self.step_tokens
-        )
-        admitted = [(self._queue.popleft(), take) for take in plan.admitted]
-        return list(zip(prefilling, plan.continued, strict=True)), admitted
-
     # --- the worker thread -------------------------------------------------------------------
     def _step(
         self, continued: list[tuple[Row, int]], admitted: list[tuple[GenRequest, int]]
@@ -184,3 +170,20 @@ class ContinuousEngine(QueueWorker[GenRequest]):
             for request, _ in admitted:
                 request.send(Event(error=exc))
             return 0
+
+
+def plan_next(
+    batch: SlotBatch, queue: deque[GenRequest], step_tokens: int
+) -> tuple[list[tuple[Row, int]], list[tuple[GenRequest, int]]]:
+    """The next step's prefill chunks (per prefilling row) and admissions (taken off `queue`),
+    by engine/scheduler.py's policy. Called while no step runs: the batch's state is stable."""
+    waiting = [
+        Waiting(r.plan_text + len(r.ids), min(r.plan_text + 1, r.plan_text + len(r.ids)))
+        for r in list(queue)[: batch.free_slots]
+    ]
+    prefilling = list(batch.prefilling)
+    plan = plan_step(
+        batch.n, [r.remaining for r in prefilling], waiting, batch.free_slots, step_tokens
+    )
+    admitted = [(queue.popleft(), take) for take in plan.admitted]
+    return list(zip(prefilling, plan.continued, strict=True)), admitted
