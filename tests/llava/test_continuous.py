@@ -249,3 +249,29 @@ def test_the_static_batcher_stays_selectable(bb: LlavaBackbone) -> None:
     engine = make_engine(Settings(gen_max_batch_size=4, gen_max_len=128), bb)
     assert isinstance(engine, ContinuousEngine)
     assert engine.batch.free_slots == 4 and engine.batch.max_len == 128
+
+
+def test_a_full_queue_is_a_429_with_retry_after(tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    bb = never_stops()
+    settings = Settings(store=f"file://{tmp_path}", backbone="llava", max_queue=1)
+    with TestClient(create_app(settings, backbone=bb)) as client:
+        engine = client.app.state.engine.generation.engine  # type: ignore[attr-defined]
+        assert isinstance(engine, ContinuousEngine)
+        body = {"instruction": "hi", "max_new_tokens": 2}
+        assert client.post("/v1/answer", json=body).status_code == 200
+        # a request parked in the queue without waking the idle engine: the queue is full
+        ids = bb.encode_chat(user_message("hi", False), 0)
+        parked = GenRequest(ids, None, PLAIN_ANSWER_PLAN, Sampling(1), None, asyncio.Queue(),
+                            asyncio.new_event_loop())  # fmt: skip
+        engine._queue.append(parked)
+        try:
+            r = client.post("/v1/answer", json=body)
+            assert r.status_code == 429 and r.headers["Retry-After"]
+            assert r.json()["error"]["code"] == "overloaded"
+        finally:
+            engine._queue.remove(parked)
+        assert client.post("/v1/answer", json=body).status_code == 200
