@@ -1,6 +1,7 @@
 """Generation throughput on the tiny in-test LLaVA: 1 request vs 8 concurrent, prompts vs plain.
 
     .venv/bin/python -m bench.llava [--tokens 32] [--repeats 3]
+    .venv/bin/python -m bench.llava --load ...   # Poisson load, continuous vs static (llava_load.py)
 
 Tokens/s counts generated tokens (greedy, no early stop on this random model) over wall time,
 through the engine (batched prefill + KV-cached decode). The M²PT overhead is the ratio of
@@ -15,6 +16,8 @@ import time
 
 import torch
 from PIL import Image
+
+from bench import llava_load
 
 from service.engine.answering import user_message
 from service.engine.generation import GenerationEngine, Sampling
@@ -65,5 +68,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--load", action="store_true", help="Poisson load: bench/llava_load.py")
+    llava_load.add_args(p)
     a = p.parse_args()
-    asyncio.run(main(a.tokens, a.repeats))
+    if a.load:
+        llava_load.main(a)
+    else:
+        asyncio.run(main(a.tokens, a.repeats))
