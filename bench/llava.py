@@ -1,7 +1,7 @@
 """Generation throughput on the tiny in-test LLaVA: 1 request vs 8 concurrent, prompts vs plain.
 
     .venv/bin/python -m bench.llava [--tokens 32] [--repeats 3]
-    .venv/bin/python -m bench.llava --load ...   # Poisson load, continuous vs static (llava_load.py)
+    .venv/bin/python -m bench.llava --load ...  # Poisson load, continuous vs static
 
 Tokens/s counts generated tokens (greedy, no early stop on this random model) over wall time,
 through the engine (batched prefill + KV-cached decode). The M²PT overhead is the ratio of
@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from bench import llava_load
-
 from service.engine.answering import user_message
 from service.engine.generation import GenerationEngine, Sampling
 from service.prompts.m2pt import M2PT, PLAIN_ANSWER_PLAN, AnswerPlan

@@ -128,7 +128,7 @@ async def run(args: argparse.Namespace) -> None:
         for kind in ("continuous", "static"):
             rows.append({**await cell(kind, bb, reqs, mid, args.slots, 2), "ckpts": n})
     print(f"tiny LLaVA, CPU ({args.threads} threads), {args.slots} slots / batch rows, "
-          f"{args.requests} requests per cell, answers 8-256 tokens, M²PT 10+10 prompts")  # fmt: skip
+          f"{args.requests} requests per cell, answers 8-256 tokens, M²PT 10+10")  # fmt: skip
     print(f"unloaded prefill (one request alone, time to first token): {prefill * 1000:.1f} ms")
     print("| engine | rate req/s | checkpoints | tokens/s | TTFT p50 ms | TTFT p99 ms | "
           "TTFT p99 / unloaded | ITL p50 ms | ITL p99 ms |")  # fmt: skip
