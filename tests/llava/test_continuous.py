@@ -71,7 +71,9 @@ def requests(bb: LlavaBackbone, n: int, seed: int) -> list[tuple[list[int], Any,
         plan = rng.choice(plans(bb))
         image = rng.random() < 0.6
         ids = bb.encode_chat(user_message(rng.choice(QUESTIONS), image), int(image), plan.n_visual)
-        pixels = bb.pixel_values([Image.new("RGB", (40, 40), rng.choice(colours))]) if image else None
+        pixels = (
+            bb.pixel_values([Image.new("RGB", (40, 40), rng.choice(colours))]) if image else None
+        )
         out.append((ids, pixels, plan, rng.randint(1, 14)))
     return out
 
@@ -125,7 +127,9 @@ def test_every_answer_is_the_one_it_gets_alone(bb: LlavaBackbone, seed: int) -> 
     expected = [alone(bb, ids, px, plan, n) for ids, px, plan, n in reqs]
     assert got["tokens"] == expected
     for (_, _, _, n), tokens, ends in zip(reqs, got["tokens"], got["ends"], strict=True):
-        assert len(ends) == 1 and ends[0].finish_reason == ("length" if len(tokens) == n else "stop")
+        assert len(ends) == 1 and ends[0].finish_reason == (
+            "length" if len(tokens) == n else "stop"
+        )
     # what makes the test mean something: several checkpoints decoded in one step, prompts
     # prefilled over several steps, and the checkpoints do change the answers
     assert got["mixed"] >= 3 and got["chunked"] >= 1
