@@ -74,10 +74,17 @@ class SlotBatch:
         work = list(continued)
         for request, take in admitted:
             if alive(request):
-                work.append((self._admit(request), take))
+                try:
+                    work.append((self._admit(request), take))
+                except Exception as exc:  # this request's own failure (its image, its plan)
+                    request.send(Event(error=exc))
         for row, take in work:
             if not row.released and take > 0:
-                self._prefill(row, take)
+                try:
+                    self._prefill(row, take)
+                except Exception as exc:  # a prefill is one row's forward: only it fails
+                    row.request.send(Event(error=exc))
+                    self._release(row)
         decoded = self.n
         if decoded:
             self._decode()

@@ -279,3 +279,21 @@ def test_a_full_queue_is_a_429_with_retry_after(tmp_path: Any) -> None:
         finally:
             engine._queue.remove(parked)
         assert client.post("/v1/answer", json=body).status_code == 200
+
+
+def test_one_request_failing_its_prefill_fails_alone(bb: LlavaBackbone) -> None:
+    loop = asyncio.new_event_loop()
+    batch = SlotBatch(bb, 2, 256)
+    ids = bb.encode_chat(user_message("what is in the image?", True), 1)
+    good_px = bb.pixel_values([Image.new("RGB", (40, 40), (9, 200, 9))])
+    bad_px = torch.zeros(1, 3, 8, 8)  # not the tower's input size: its vision forward raises
+    good = GenRequest(ids, good_px, PLAIN_ANSWER_PLAN, Sampling(5), None, asyncio.Queue(), loop)
+    bad = GenRequest(ids, bad_px, PLAIN_ANSWER_PLAN, Sampling(5), None, asyncio.Queue(), loop)
+    queue = deque([bad, good])
+    with torch.inference_mode():
+        while queue or not batch.idle:
+            batch.step(*plan_next(batch, queue, 64))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert _drain(bad.queue)[-1].error is not None
+    assert good.generated == alone(bb, ids, good_px, PLAIN_ANSWER_PLAN, 5)
+    loop.close()
