@@ -9,10 +9,12 @@ contract: text prompts travel as the `m2pt_text` kwarg to the decoder layers' pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
+from service.backbones import grouped
 from service.backbones.llava import LlavaBackbone, Prompts
 from service.errors import BackboneError
 
@@ -55,10 +57,12 @@ def language_step(
     mask: Tensor,
     cache: Any,
     text: Tensor | None = None,
+    heads: Sequence[Tensor | None] = (),
 ) -> Tensor:
     """Logits `[B, V]` of the token after the last of `embeds` `[B, q, d]`; `text` `[B, Lt, nt,
     d]`: deep text prompts, written over positions `0..nt-1` (only in a forward that holds them,
-    the first chunk of a prefill)."""
+    the first chunk of a prefill); `heads`: each row's own output head (None or (): the base's),
+    as the static path's `DecodeState.heads`."""
     extra = {} if text is None else {"m2pt_text": text.to(bb.dtype)}
     out = bb.lm(
         inputs_embeds=embeds,
@@ -68,5 +72,4 @@ def language_step(
         use_cache=True,
         **extra,
     )
-    logits: Tensor = bb.model.lm_head(out.last_hidden_state[:, -1])
-    return logits
+    return grouped.head_logits(out.last_hidden_state[:, -1], heads, bb.model.lm_head.weight)

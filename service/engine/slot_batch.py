@@ -36,6 +36,7 @@ class Row:
     text: Tensor | None  # [1, Lt, nt, d]: deep text prompts, for the first chunk only
     total: int  # prompt positions: text prompt slots + tokens
     gen: torch.Generator | None
+    head: Tensor | None = None  # the plan's own output head (None: the base's)
     done: int = 0  # positions in the cache
     pending: int = 0  # the token the next decode step feeds
     released: bool = False
@@ -114,7 +115,7 @@ class SlotBatch:
         prompts = batch_prompts([request.plan], self.bb.dtype)
         embeds = request_embeds(self.bb, request.ids, request.pixels, prompts)
         row = Row(request, slot, embeds, prompts.text, int(embeds.shape[1]),
-                  generator(request.sampling.seed))  # fmt: skip
+                  generator(request.sampling.seed), head=request.plan.head)  # fmt: skip
         self.rows[slot] = row
         self.prefilling.append(row)
         return row
@@ -129,6 +130,7 @@ class SlotBatch:
         logits = language_step(
             self.bb, row.embeds[:, start : start + q], self.cache.positions(),
             self.cache.mask(self.bb.dtype), self.cache, row.text if start == 0 else None,
+            (row.head,),
         )  # fmt: skip
         row.done += q
         if row.remaining:
@@ -146,7 +148,7 @@ class SlotBatch:
         tokens = torch.tensor([r.pending for r in rows], dtype=torch.long)
         logits = language_step(
             self.bb, token_embeds(self.bb, tokens), self.cache.positions(),
-            self.cache.mask(self.bb.dtype), self.cache,
+            self.cache.mask(self.bb.dtype), self.cache, None, tuple(r.head for r in rows),
         )  # fmt: skip
         for row in rows:  # all first: a release below moves rows by their used positions
             row.done += 1

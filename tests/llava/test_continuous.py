@@ -44,22 +44,24 @@ def m2pt_plan(bb: LlavaBackbone, seed: int, **cfg: Any) -> AnswerPlan:
     method = M2PT()
     config = method.config(cfg)
     params = {k: v * 50 for k, v in method.init(bb, config, seed=seed).items()}
-    if config.train_projector:  # a projector of its own, unlike the frozen one
-        gen = torch.Generator().manual_seed(seed)
-        params = {k: v + torch.randn(v.shape, generator=gen) * 0.5 if k.startswith("projector.")
-                  else v for k, v in params.items()}  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    for k, v in params.items():  # a projector or head of its own, unlike the frozen ones
+        if k.startswith("projector.") or k == "head.weight":
+            params[k] = v + torch.randn(v.shape, generator=gen) * 0.5
     plan: AnswerPlan = method.materialize(params, bb, config)
     return plan
 
 
 def plans(bb: LlavaBackbone) -> list[AnswerPlan]:
-    """The plain model and M²PT checkpoints of four different shapes (one with a projector)."""
+    """The plain model and M²PT checkpoints of five different shapes (one with a projector of
+    its own, one with an output head of its own, as the reference trains them)."""
     return [
         PLAIN_ANSWER_PLAN,
         m2pt_plan(bb, 1, n_visual=4, n_text=3),
         m2pt_plan(bb, 2, n_visual=2, n_text=5, text_depth=2),
         m2pt_plan(bb, 3, n_visual=0, n_text=2),
         m2pt_plan(bb, 4, n_visual=3, n_text=0, train_projector=True),
+        m2pt_plan(bb, 5, n_visual=2, n_text=2, train_head=True),
     ]
 
 
