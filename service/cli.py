@@ -90,14 +90,8 @@ class ServeCommand(Command):
             logging.getLogger("promptserve").warning(
                 "auth: none (no API keys configured); listening on %s", settings.host
             )
-        frontends, why = split.frontend_count(settings)
-        problem = split.check(settings, frontends)
-        if problem is not None:
-            print(f"error (frontends): {problem}", file=sys.stderr)
-            return 2
-        if frontends > 1:
-            logging.getLogger("promptserve").info("%d front ends (%s)", frontends, why)
-            return split.serve_split(settings, frontends)
+        if (code := split.serve_if_split(settings)) is not None:
+            return code  # --frontends N > 1: the supervisor served
         # Load the backbone before binding, so missing weights are a clear error, not a crash loop.
         app = create_app(settings, backbone=load_backbone(settings))
         uvicorn.Server(server.config(app, settings)).run()
