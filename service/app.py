@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts_store import open_store
 from service import __version__, errors
-from service.api import answer, checkpoints, classify, jobs, ops
+from service.api import answer, checkpoints, classify, introspect, jobs, ops
 from service.api.deps import Services
 from service.backbones.clip import ClipBackbone, load_clip
 from service.backbones.llava import LlavaBackbone, load_llava
@@ -179,6 +179,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
     app.include_router(checkpoints.router)
     app.include_router(jobs.router)
     app.include_router(ops.router)
+    app.include_router(introspect.router)
     _error_handlers(app, services)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestLog)  # inside RequestId: it reads the id RequestId chose

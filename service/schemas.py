@@ -93,12 +93,26 @@ class CheckpointOut(BaseModel):
 
 
 class CheckpointList(BaseModel):
+    """One page of checkpoint names (every name when no `limit` was given)."""
+
     checkpoints: list[CheckpointOut]
+    total: int = Field(description="names matching `q`, over all pages")
+    offset: int = 0
+    limit: int | None = None
 
 
 class CheckpointDetail(CheckpointOut):
     versions: list[VersionOut]
     classnames: list[str] | None = None
+
+
+class VersionDetail(VersionOut):
+    """One version with what its file says: the manifest and its trained tensors."""
+
+    name: str
+    manifest: dict[str, Any]
+    tensors: dict[str, list[int]] = Field(description="parameter name -> shape")
+    parameters: int = Field(description="trainable parameters stored (sum over tensors)")
 
 
 class VersionList(BaseModel):

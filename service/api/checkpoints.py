@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from starlette.datastructures import UploadFile
 
-from service import errors
+import prompts_store as ps
+from service import checkpoints, errors
 from service.api.classify import ERRORS
 from service.api.deps import AdminAuth, ReadAuth, Services, ServicesDep
 from service.engine.publish import publish
@@ -20,6 +21,7 @@ from service.schemas import (
     CheckpointList,
     DeleteResponse,
     UploadResponse,
+    VersionDetail,
     VersionList,
 )
 
@@ -111,16 +113,33 @@ def _version_out(info: Any, current: int | None) -> dict[str, Any]:
 
 
 @router.get("/v1/checkpoints", response_model=CheckpointList, responses=ERRORS)
-async def list_checkpoints(services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
-    """Every checkpoint name with its active version."""
+async def list_checkpoints(
+    services: ServicesDep,
+    _: ReadAuth,
+    q: Annotated[str | None, Query(max_length=64, description="part of the name")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    """Checkpoint names with their active version: all of them, or one page of those whose name
+    contains `q` (case-insensitive), in name order."""
     store = _store(services)
 
-    def collect() -> list[dict[str, Any]]:
-        out = []
+    def collect() -> dict[str, Any]:
         with store_errors():
-            for name in store.names():
-                versions = {v.version: v for v in store.versions(name)}
-                current = store.current(name)
+            # Names alone are one cheap call in both stores (a directory listing, one SMEMBERS);
+            # the per-name reads below are the expensive part, so they are done for the page only.
+            names = store.names()
+            if q:
+                needle = q.casefold()
+                names = [n for n in names if needle in n.casefold()]
+            page = names[offset : None if limit is None else offset + limit]
+            out = []
+            for name in page:
+                try:
+                    versions = {v.version: v for v in store.versions(name)}
+                    current = store.current(name)
+                except ps.NotFound:
+                    continue  # deleted since the listing
                 meta = versions[current].meta if current in versions else {}
                 out.append(
                     {
@@ -130,9 +149,9 @@ async def list_checkpoints(services: ServicesDep, _: ReadAuth) -> dict[str, Any]
                         "classes": meta.get("classes"),
                     }
                 )
-        return out
+        return {"checkpoints": out, "total": len(names), "offset": offset, "limit": limit}
 
-    return {"checkpoints": await asyncio.to_thread(collect)}
+    return await asyncio.to_thread(collect)
 
 
 @router.get("/v1/checkpoints/{name}", response_model=CheckpointDetail, responses=ERRORS)
@@ -166,6 +185,27 @@ async def versions(name: str, services: ServicesDep, _: ReadAuth) -> dict[str, A
     infos = await _call(store.versions, name)
     current = await _call(store.current, name)
     return {"name": name, "versions": [_version_out(v, current) for v in infos]}
+
+
+@router.get(
+    "/v1/checkpoints/{name}/versions/{version}", response_model=VersionDetail, responses=ERRORS
+)
+async def version_detail(
+    name: str, version: Annotated[int, Path(ge=1)], services: ServicesDep, _: ReadAuth
+) -> dict[str, Any]:
+    """One stored version with its manifest and the shapes and count of its trained tensors."""
+    store = _store(services)
+    stored = await _call(store.get, name, version)  # checksum verified; 404 names the versions
+    current = await _call(store.current, name)
+    limit = services.settings.max_checkpoint_bytes
+    ckpt = await asyncio.to_thread(checkpoints.parse, stored.data, limit)
+    return {
+        **_version_out(stored, current),
+        "name": name,
+        "manifest": ckpt.manifest.model_dump(),
+        "tensors": {k: list(t.shape) for k, t in ckpt.params.items()},
+        "parameters": sum(t.numel() for t in ckpt.params.values()),
+    }
 
 
 @router.post("/v1/checkpoints/{name}/activate", response_model=ActivateResponse, responses=ERRORS)
