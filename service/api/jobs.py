@@ -7,7 +7,7 @@ import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service import errors
 from service.api.classify import ERRORS
@@ -32,6 +32,15 @@ class JobProgress(BaseModel):
     eta_s: float | None = None
 
 
+class JobPoint(BaseModel):
+    """One point of the live curves: the running loss and accuracy at an optimizer step."""
+
+    epoch: int
+    step: int | None = None
+    loss: float
+    acc: float
+
+
 class JobResult(BaseModel):
     name: str
     version: int
@@ -54,6 +63,9 @@ class JobOut(BaseModel):
     started_at: str | None = None
     ended_at: str | None = None
     progress: JobProgress | None = None
+    history: list[JobPoint] | None = Field(
+        default=None, description="progress so far, oldest first (bounded: thinned past 256)"
+    )
     result: JobResult | None = None
     error: JobError | None = None
     cancel_requested: bool | None = None

@@ -40,6 +40,7 @@ from service import errors
 from service.backbones.clip import load_clip
 from service.prompts import get_method
 from service.settings import Settings
+from service.training import job_history
 from service.training.datasets import load_data, uploaded
 from service.training.recipes import RECIPES
 from service.training.runs import DataLoaderFn, TrainSpec, run, summary
@@ -181,6 +182,8 @@ class JobQueue:
                 out[key] = t.isoformat()
         if job.meta.get("progress"):
             out["progress"] = job.meta["progress"]
+        if job.meta.get("history"):
+            out["history"] = job.meta["history"]
         if status == JobStatus.FINISHED:
             out["result"] = job.return_value()
         elif out["state"] == "failed":
@@ -369,17 +372,20 @@ def execute(spec_json: str, alive_ttl_s: float = ALIVE_TTL_S) -> dict[str, Any]:
     if job is None:
         raise RuntimeError("execute() runs inside an RQ worker")
     spec = TrainSpec.model_validate_json(spec_json)
-    _save_meta(job, error=None, progress=None)  # a retried job starts clean
+    _save_meta(job, error=None, progress=None, history=None)  # a retried job starts clean
     beat = _Heartbeat(job, alive_ttl_s)
     try:
         if beat.cancel_requested():
             return dict(_CANCELLED)  # cancelled between dequeue and start
         ctx = context()
 
+        history: list[dict[str, Any]] = []
+
         def progress(row: dict[str, Any]) -> None:
             if not beat.lost.is_set():  # a settled job's meta holds the reader's verdict
                 keys = PROGRESS_KEYS
-                _save_meta(job, progress={k: row[k] for k in keys if k in row})
+                job_history.extend(history, row)
+                _save_meta(job, progress={k: row[k] for k in keys if k in row}, history=history)
 
         try:
             result = run(
