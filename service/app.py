@@ -40,6 +40,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestId
 from service.settings import Settings
 from service.training.local_jobs import jobs_for
+from service.ui import routes as console
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
     app.include_router(jobs.router)
     app.include_router(ops.router)
     app.include_router(introspect.router)
+    console.install(app, settings)  # /ui (the web console) and / leading to it
     _error_handlers(app, services)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestLog)  # inside RequestId: it reads the id RequestId chose

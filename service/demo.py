@@ -7,6 +7,7 @@ example requests that work, a training job among them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +63,14 @@ def prepare(store_url: str, port: int, root: Path = Path("var/demo")) -> Demo:
         store.close()
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
+    labels = {}  # the console shows each example's true label beside the answers
     for domain in ("gray", "noise"):
         sample = pg.make_dataset(domain, "demo", per_class=1, seed=7)
         for i in (0, 5, 10):
             fname = images / f"{domain}-{sample.classnames[i].replace(' ', '-')}.png"
             Image.fromarray(sample.images[i].numpy()).save(fname)
+            labels[fname.name] = sample.classnames[i]
+    (images / "labels.json").write_text(json.dumps(labels, indent=1))
     settings = Settings(
         model="proving-clip",
         model_config_path=str(pg.ARCH_PATH),  # the training child process registers it too
@@ -76,6 +80,7 @@ def prepare(store_url: str, port: int, root: Path = Path("var/demo")) -> Demo:
         host="127.0.0.1",
         port=port,
         runs_dir=str(root / "runs"),
+        examples_dir=str(images),  # the console offers them, ready to classify
     )
     return Demo(settings, backbone, images)
 
@@ -94,6 +99,7 @@ promptserve demo on {base} (Ctrl-C to stop). Try:
        "method": "vpt", "dataset": {{"kind": "proving_ground", "domain": "gray"}}, \
        "recipe": {{"epochs": 10, "optimizer": "adamw", "lr": 0.03, "warmup_epochs": 0}}}}'
   curl {base}/v1/jobs/<id from the line above>      (then classify with checkpoint=my-gray)
+  open {base}/ui/    (the console: the examples and checkpoints above, ready to try)
   open {base}/docs
 """
 

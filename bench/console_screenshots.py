@@ -1,0 +1,178 @@
+"""Screenshots of every console screen, on the demo's data, into docs/console/.
+
+    .venv/bin/python bench/console_screenshots.py            # about 5 minutes on 2 cores, once
+    .venv/bin/python bench/console_screenshots.py --out /tmp/shots
+
+It prepares what `make demo` prepares (the proving-ground CLIP, its three checkpoints, example
+images with their true labels; reused from var/console-shots/ when present), serves it on
+loopback with a read and an admin key, trains one more version through the console's own form,
+sends some traffic, and photographs each screen in Debian's chromium at laptop and phone sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import free_port
+from tests.ui.conftest import CHROMIUM, CHROMIUM_ARGS
+
+ADMIN, READ = "console-admin", "console-read"
+LAPTOP = {"width": 1360, "height": 900}
+PHONE = {"width": 390, "height": 844}
+# A short run of the demo's recipe, so the curves have a dozen points and the job takes ~1 min.
+RECIPE = {"epochs": 12, "optimizer": "adamw", "lr": 0.03, "warmup_epochs": 0, "batch_size": 32}
+
+
+def serve(root: Path) -> tuple[str, threading.Thread]:
+    import uvicorn
+
+    from service.app import create_app
+    from service.demo import prepare
+
+    port = free_port()
+    demo = prepare(f"file://{root / 'store'}", port, root=root)
+    settings = demo.settings.model_copy(update={"api_keys": READ, "admin_keys": ADMIN})
+    config = uvicorn.Config(
+        create_app(settings, backbone=demo.backbone), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return url, thread
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the service did not become ready")
+
+
+def traffic(url: str, images: Path, rounds: int) -> None:
+    """Classify requests, as clients would send them, so the Service screen has figures."""
+    pics = [base64.b64encode(p.read_bytes()).decode() for p in sorted(images.glob("*.png"))]
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {READ}"}) as client:
+        for i in range(rounds):
+            for ckpt in ("gray-maple", "gray-bias", "noise-coop"):
+                client.post("/v1/classify", json={"checkpoint": ckpt, "images": pics[: 1 + i % 6]})
+
+
+def shoot(url: str, out: Path, images: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=180_000)
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        ctx = pw.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport=LAPTOP, color_scheme="light",
+        )  # fmt: skip
+        page = ctx.new_page()
+        page.goto(f"{url}/")
+        page.get_by_label("API key").fill(ADMIN)
+        page.get_by_role("button", name="Use key").click()
+        expect(page.locator("#auth-badge")).to_have_text("Admin key")
+
+        # Classify: the demo's examples against two checkpoints, side by side.
+        expect(page.locator(".thumbs .thumb")).to_have_count(6)
+        page.get_by_label("Checkpoint", exact=True).fill("gray-maple")
+        page.get_by_label("Checkpoint", exact=True).dispatch_event("change")
+        page.get_by_role("button", name="+ Compare with another checkpoint or version").click()
+        second = page.get_by_label("Compare with")
+        second.fill("noise-coop")
+        second.dispatch_event("change")
+        page.get_by_role("button", name="Classify", exact=True).click()
+        expect(page.locator(".result")).to_have_count(6)
+        page.screenshot(path=str(out / "classify.png"), full_page=True)
+
+        # Training: a new version of gray-maple through the form, watched to its end.
+        page.goto(f"{url}/ui/#/training")
+        page.get_by_label("Checkpoint name").fill("gray-maple")
+        page.get_by_label("Method", exact=True).select_option("maple")
+        page.get_by_label("Recipe overrides (JSON)").fill(json.dumps(RECIPE))
+        page.get_by_label("Make the result live when it finishes").uncheck()
+        page.get_by_role("button", name="Start training").click()
+        expect(page.locator(".job-state")).to_have_text("started")
+        expect(page.locator("svg.chart polyline").first).to_be_visible()
+        page.wait_for_function(
+            "document.querySelectorAll('svg.chart polyline')[0]?.points.length >= 4"
+        )
+        page.screenshot(path=str(out / "training-running.png"), full_page=True)
+        expect(page.locator(".job-state")).to_have_text("finished")
+        page.screenshot(path=str(out / "training.png"), full_page=True)
+
+        # Checkpoints: the two versions, one opened to its manifest and evaluation.
+        page.goto(f"{url}/ui/#/checkpoints/gray-maple")
+        page.get_by_role("button", name="Details").nth(1).click()
+        expect(page.locator(".version-detail .kv").first).to_be_visible()
+        page.screenshot(path=str(out / "checkpoints.png"), full_page=True)
+
+        # Upload: a bad file and the API's own error, verbatim.
+        bad = Path(profile) / "eurosat.pth"
+        bad.write_bytes(b"PK\x03\x04 a pickled torch file, not safetensors")
+        page.get_by_label("Checkpoint file (.safetensors)").set_input_files(str(bad))
+        page.get_by_role("button", name="Upload").click()
+        expect(page.locator(".error-message")).to_be_visible()
+        page.locator("form").filter(has_text="Upload a checkpoint").screenshot(
+            path=str(out / "upload-error.png")
+        )
+
+        # Service: traffic from a client in the background while the page polls /metrics.
+        sender = threading.Thread(target=traffic, args=(url, images, 12))
+        sender.start()
+        page.goto(f"{url}/ui/#/service")
+        expect(page.locator(".stat.requests .value")).not_to_have_text("0")
+        sender.join()
+        page.wait_for_timeout(2500)  # one more poll, so the rate is over the traffic
+        page.screenshot(path=str(out / "service.png"), full_page=True)
+
+        # A read key: the same screens without a single admin action.
+        reader = ctx.new_page()
+        reader.goto(f"{url}/ui/#/checkpoints/gray-maple")
+        reader.get_by_label("API key").fill(READ)
+        reader.get_by_role("button", name="Use key").click()
+        expect(reader.locator(".live-version")).to_be_visible()
+        reader.screenshot(path=str(out / "read-key.png"), full_page=True)
+        reader.close()
+
+        # A phone.
+        phone = ctx.new_page()
+        phone.set_viewport_size(PHONE)
+        phone.goto(f"{url}/ui/#/classify")
+        phone.get_by_label("API key").fill(ADMIN)
+        phone.get_by_role("button", name="Use key").click()
+        phone.get_by_role("button", name="Classify", exact=True).click()
+        expect(phone.locator(".result").first).to_be_visible()
+        phone.locator(".result").first.scroll_into_view_if_needed()
+        phone.screenshot(path=str(out / "phone-classify.png"))
+        phone.goto(f"{url}/ui/#/checkpoints/gray-maple")
+        expect(phone.locator(".live-version")).to_be_visible()
+        phone.screenshot(path=str(out / "phone-checkpoints.png"))
+        ctx.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/console"))
+    parser.add_argument("--root", type=Path, default=Path("var/console-shots"))
+    args = parser.parse_args()
+    url, _ = serve(args.root)
+    shoot(url, args.out, args.root / "images")
+    for png in sorted(args.out.glob("*.png")):
+        print(f"{png}  {png.stat().st_size // 1024} KiB")
+
+
+if __name__ == "__main__":
+    main()
