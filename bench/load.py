@@ -95,25 +95,32 @@ def timed_phase(
 
 
 async def drive(
-    base: str, bodies: list[dict], clients: int, seconds: float, raw: bool = False
+    base: str,
+    bodies: list[dict],
+    clients: int,
+    seconds: float,
+    raw: bool = False,
+    path: str = "/v1/classify",
 ) -> dict:
-    """`clients` concurrent clients, each sending one request after another for `seconds`."""
+    """`clients` concurrent clients, each sending one request after another for `seconds`
+    (JSON bodies to `path`; bench/peers.py drives other servers' routes with it too)."""
     lat_ok: list[float] = []
     lat_429: list[float] = []
     statuses: dict[int, int] = {}
     errors: dict[str, int] = {}
+    rates: list[float] = []  # each client's answers per second over its own busy span
     stop = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
 
         async def one(i: int) -> None:
-            k = i
+            k, ok, first, last = i, 0, time.perf_counter(), 0.0
             while time.perf_counter() < stop:
                 body = bodies[k % len(bodies)]
                 k += clients
                 t = time.perf_counter()
                 try:
-                    r = await client.post("/v1/classify", json=body)
+                    r = await client.post(path, json=body)
                 except httpx.HTTPError as exc:  # connection refused or reset: counted, not hidden
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                     continue
@@ -121,34 +128,46 @@ async def drive(
                 statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                 if r.status_code == 200:
                     lat_ok.append(dt)
+                    ok, last = ok + 1, time.perf_counter()
                 elif r.status_code == 429:
                     lat_429.append(dt)
                     await asyncio.sleep(0.005)  # a polite client backs off a little, not long
+            if ok and last > first:
+                rates.append(ok / (last - first))
 
         start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(clients)))
         elapsed = time.perf_counter() - start
     if raw:
         return {"lat_ok": lat_ok, "lat_429": lat_429, "statuses": statuses, "errors": errors,
-                "elapsed": elapsed}  # fmt: skip
-    return summarize(clients, elapsed, lat_ok, lat_429, statuses, errors)
+                "elapsed": elapsed, "rates": rates}  # fmt: skip
+    return summarize(
+        clients, elapsed, lat_ok, lat_429, statuses, errors, sum(rates) if rates else None
+    )
 
 
-def _drive_in_process(args: tuple[str, list[dict], int, float, int]) -> dict:
-    base, bodies, clients, seconds, offset = args
-    raw = asyncio.run(drive(base, bodies[offset:] + bodies[:offset], clients, seconds, raw=True))
-    return raw
+def _drive_in_process(args: tuple[str, list[dict], int, float, int, str]) -> dict:
+    base, bodies, clients, seconds, offset, path = args
+    turned = bodies[offset:] + bodies[:offset]
+    return asyncio.run(drive(base, turned, clients, seconds, raw=True, path=path))
 
 
-def drive_procs(base: str, bodies: list[dict], clients: int, seconds: float, procs: int) -> dict:
+def drive_procs(
+    base: str,
+    bodies: list[dict],
+    clients: int,
+    seconds: float,
+    procs: int,
+    path: str = "/v1/classify",
+) -> dict:
     """`drive` split over `procs` processes: one Python process cannot load a server with
     hundreds of clients (httpx costs about a millisecond of CPU per request)."""
     if procs <= 1:
-        return asyncio.run(drive(base, bodies, clients, seconds))
+        return asyncio.run(drive(base, bodies, clients, seconds, path=path))
     from concurrent.futures import ProcessPoolExecutor
 
     shares = [clients // procs + (i < clients % procs) for i in range(procs)]
-    jobs = [(base, bodies, n, seconds, i) for i, n in enumerate(shares) if n]
+    jobs = [(base, bodies, n, seconds, i, path) for i, n in enumerate(shares) if n]
     with ProcessPoolExecutor(len(jobs)) as pool:
         raws = list(pool.map(_drive_in_process, jobs))
     statuses: dict[int, int] = {}
@@ -161,18 +180,22 @@ def drive_procs(base: str, bodies: list[dict], clients: int, seconds: float, pro
     return summarize(
         clients, max(r["elapsed"] for r in raws),
         [x for r in raws for x in r["lat_ok"]], [x for r in raws for x in r["lat_429"]],
-        statuses, errors,
+        statuses, errors, sum(x for r in raws for x in r["rates"]) or None,
     )  # fmt: skip
 
 
 def summarize(
     clients: int, elapsed: float, lat_ok: list[float], lat_429: list[float],
-    statuses: dict[int, int], errors: dict[str, int],
+    statuses: dict[int, int], errors: dict[str, int], steady: float | None = None,
 ) -> dict:  # fmt: skip
     out: dict = {
         "clients": clients,
         "seconds": round(elapsed, 1),
         "ok_per_s": round(len(lat_ok) / elapsed, 1),
+        # Closed loop: the sum over clients of each one's answers over its own span (first send
+        # to last answer) is the rate the server sustained under all of them at once, without
+        # ok_per_s's drain, where fewer clients are left (matters when latency ~ the phase).
+        "steady_ok_per_s": None if steady is None else round(steady, 2),
         "statuses": dict(sorted(statuses.items())),
         "transport_errors": errors,
     }

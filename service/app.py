@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from prompts_store import open_store
 from service import __version__, errors
@@ -29,15 +30,16 @@ from service.backbones.clip import ClipBackbone, load_clip
 from service.backbones.llava import LlavaBackbone, load_llava
 from service.engine.batcher import Batcher
 from service.engine.forward import encode
+from service.engine.gpu_images import select_image_decode
 from service.engine.inference import Inference
 from service.engine.residency import Residency
 from service.engine.runtimes.select import describe as describe_runtime
 from service.engine.runtimes.select import select_runtime
 from service.engine.zeroshot_cache import ZeroShotCache
-from service.images import ImageLimits
+from service.images import ImageLimits, PixelBudget
 from service.logs import RequestLog, redact_url
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestId
+from service.middleware import BodyReader, RequestId
 from service.settings import Settings
 from service.training.local_jobs import jobs_for
 from service.ui import routes as console
@@ -63,6 +65,12 @@ def load_backbone(settings: Settings) -> ClipBackbone:
         precision=settings.precision,
         cache_dir=settings.cache_dir,
     )
+
+
+def _side(backbone: ClipBackbone) -> int:
+    """The model's input side (the preprocessing's resize target)."""
+    size = backbone.visual.image_size
+    return int(size[0] if isinstance(size, tuple) else size)
 
 
 async def _warm_up(backbone: ClipBackbone, batcher: Batcher) -> None:
@@ -107,6 +115,8 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             max_batch=settings.max_batch_size,
         )
         log.info("runtime %s: %s", runtime.name, reason)
+        gpu_images, decode_reason = select_image_decode(settings.image_decode, bb)
+        log.info("image decode: %s", decode_reason)
         # CUDA graphs are captured (ONNX graphs exported/loaded) here, before /readyz says ready.
         await asyncio.to_thread(getattr(runtime, "warm_up", lambda: None))
         batcher = Batcher(
@@ -127,6 +137,8 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
                 settings.zeroshot_cache_entries,
                 settings.max_adhoc_classes,
                 text_encoder=getattr(runtime, "encode_text_ids", None),
+                max_texts=settings.max_adhoc_texts,
+                run=batcher.run_on_worker,
             ),
             limits=ImageLimits(
                 max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
@@ -136,6 +148,10 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             max_batch=settings.max_batch_size,
             max_admitted=settings.max_queue + settings.max_batch_size,
             max_queue_wait_s=settings.max_queue_wait_s,
+            max_request_pixels=settings.max_request_pixels,
+            pixels=PixelBudget(settings.max_decode_pixels),
+            gpu_images=gpu_images,
+            draft=_side(bb) if settings.jpeg_draft else None,
         )
         await _warm_up(bb, batcher)
         services.status = {
@@ -144,6 +160,7 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
             "device": str(bb.device),
             "fingerprint": bb.fingerprint,
             **describe_runtime(runtime, reason),
+            "image_decode": decode_reason,
         }
         services.ready = True
         log.info(
@@ -183,7 +200,14 @@ def create_app(settings: Settings, backbone: ClipBackbone | LlavaBackbone | None
     app.include_router(introspect.router)
     console.install(app, settings)  # /ui (the web console) and / leading to it
     _error_handlers(app, services)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyReader,
+        limit=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        idle_timeout_s=settings.body_idle_timeout_s,
+        on_disconnect=services.metrics.disconnects.inc,
+        receiving=services.metrics.receiving.inc,
+    )
     app.add_middleware(RequestLog)  # inside RequestId: it reads the id RequestId chose
     app.add_middleware(RequestId)
     return app
@@ -223,8 +247,15 @@ def _error_handlers(app: FastAPI, services: Services) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return respond(exc.status_code, code, str(exc.detail))
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        return respond(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(ClientDisconnect)
+    async def left(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up: not an error of ours, and nobody reads an answer.
+        log.info("client left during %s %s", request.method, request.url.path)
+        services.metrics.disconnects.inc()
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:

@@ -7,7 +7,6 @@ says what to change. Uploaded bytes are never unpickled: safetensors only.
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 import unicodedata
@@ -21,9 +20,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from service import jsonsafe
 from service.backbones.clip import ClipBackbone
 from service.errors import (
     BackboneMismatch,
+    BadRequest,
     CheckpointTooLarge,
     DtypeMismatch,
     ExtraTensor,
@@ -152,9 +153,9 @@ def _header(data: bytes) -> dict[str, Any]:
             "(upload the .safetensors checkpoint; .pth files go through `promptserve import`)"
         )
     try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MalformedCheckpoint(f"safetensors header is not valid JSON: {exc}") from exc
+        header = jsonsafe.loads(data[8 : 8 + size], "safetensors header", max_depth=4)
+    except BadRequest as exc:  # the file's fault: a 422 like every malformed checkpoint
+        raise MalformedCheckpoint(exc.message) from None
     if not isinstance(header, dict):
         raise MalformedCheckpoint("safetensors header is not a JSON object")
     return header
@@ -166,7 +167,7 @@ def parse(data: bytes, max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
         raise CheckpointTooLarge(f"checkpoint is {len(data)} bytes; the limit is {max_bytes}")
     header = _header(data)
     meta = header.get("__metadata__") or {}
-    if METADATA_KEY not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get(METADATA_KEY), str):
         raise MalformedCheckpoint(
             "safetensors file has no promptserve manifest; convert foreign checkpoints with "
             "`promptserve import`"

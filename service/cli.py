@@ -40,6 +40,7 @@ def load_backbone(settings: Settings) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service import server
     from service.app import create_app
     from service.settings import LOOPBACK
 
@@ -58,17 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Load the backbone before binding, so missing weights are a clear error, not a crash loop.
     backbone = load_backbone(settings)
     app = create_app(settings, backbone=backbone)
-    from service.logs import uvicorn_log_config
-
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        log_level="info",
-        log_config=uvicorn_log_config(settings.log_format),
-        access_log=False,  # service.logs.RequestLog writes access lines, with the request id
-    )
+    uvicorn.Server(server.config(app, settings)).run()
     return 0
 
 
@@ -362,7 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the run's CTX_INIT (default: none for CoOp/CoCoOp, 'a photo of a' otherwise)",
     )
-    p.add_argument("--class-token-position", default="end", choices=["end", "middle", "front"])
+    p.add_argument(
+        "--class-token-position",
+        choices=["end", "middle", "front"],
+        help="CoOp's CLASS_TOKEN_POSITION (default: the run directory's ctp..., else end)",
+    )
     p.add_argument("--out", help="output .safetensors (default NAME.safetensors)")
     _backbone_flags(p)
     p.set_defaults(func=cmd_import)

@@ -98,6 +98,12 @@ class BodyTooLarge(TooLarge):
     code = "body_too_large"
 
 
+class BodyTimeout(PromptServeError):
+    """The client did not send its request body in time (slow or stalled upload)."""
+
+    code = "body_timeout"
+
+
 class TooManyImages(TooLarge):
     code = "too_many_images"
 
@@ -181,6 +187,7 @@ STATUS: tuple[tuple[type[PromptServeError], int], ...] = (
     (Unauthorized, 401),
     (Forbidden, 403),
     (NotFound, 404),
+    (BodyTimeout, 408),
     (Conflict, 409),
     (TooLarge, 413),
     (UnsupportedMedia, 415),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -21,6 +23,7 @@ from service.errors import (
     ImageTooLarge,
     InvalidBase64,
     InvalidImage,
+    Overloaded,
     PromptServeError,
     UnsupportedImageFormat,
 )
@@ -81,8 +84,9 @@ def decode_base64(text: str, limits: ImageLimits) -> bytes:
         raise InvalidBase64(f"image is not valid base64 ({err}); {_ALPHABET_HINT}") from None
 
 
-def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Decode allow-listed image bytes into a fully loaded RGB image, within `limits`."""
+def open_header(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Every check that needs no pixel decoded (bytes, allowed format, header, pixel count);
+    returns the opened, not yet loaded image (the caller closes it)."""
     # A global set elsewhere would make truncated uploads decode as grey padding: refuse loudly.
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False in this service")
@@ -109,40 +113,144 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
         ) from None
     except Exception as err:
         raise InvalidImage(f"image could not be read ({type(err).__name__})") from None
-    with img:
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise InvalidImage(f"image header claims an empty size {width}x{height}")
+    pixel_cap = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+    if width * height > pixel_cap:
+        img.close()
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{pixel_cap}; downscale it before sending"
+        )
+    return img
+
+
+def header_pixels(data: bytes, limits: ImageLimits) -> int:
+    """Pixels the image will decode to, from its header alone (every limit checked)."""
+    with open_header(data, limits) as img:
         width, height = img.size
-        if width <= 0 or height <= 0:
-            raise InvalidImage(f"image header claims an empty size {width}x{height}")
-        pixel_cap = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
-        if width * height > pixel_cap:
-            raise ImageTooLarge(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{pixel_cap}; downscale it before sending"
-            )
+        return int(width * height)
+
+
+def open_image(data: bytes, limits: ImageLimits, draft: int | None = None) -> Image.Image:
+    """Decode allow-listed image bytes into a fully loaded RGB image, within `limits`.
+
+    At most one full-size copy of the pixels is made (a colour conversion, when needed): the
+    EXIF rotation is applied in place and an RGB image is returned as decoded. With `draft`, a
+    JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= `draft`
+    pixels: several times faster on large photos, but not the reference preprocessing (opt-in,
+    PROMPTSERVE_JPEG_DRAFT; its effect on embeddings is in docs/PERFORMANCE.md).
+    """
+    img = open_header(data, limits)
+    try:
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", (draft, draft))
+        # Animated WebP/PNG: open() leaves the first frame current and load() decodes only
+        # that one, so we classify the first frame.
+        img.load()
+        _upright(img)
+        rgb = _to_rgb(img)
+    except PromptServeError:
+        img.close()
+        raise
+    except Exception as err:  # truncated or corrupt data; never leak a Pillow exception
+        img.close()
+        raise InvalidImage(
+            f"image data is truncated or corrupt ({type(err).__name__}: {err})"
+        ) from None
+    if rgb is not img:
+        img.close()
+    return rgb
+
+
+class PixelBudget:
+    """Decoded pixels alive at once in this process, across requests and decode threads.
+
+    A decoded image costs about 4 bytes per pixel (Pillow keeps RGB as 32-bit pixels; a colour
+    conversion, when the file is not RGB, briefly doubles that); the budget bounds what
+    concurrent decodes can hold together. Exhausted, it refuses at once (429, Retry-After)
+    instead of queueing memory.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used = capacity, 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._lock:
+            if self.used + pixels > self.capacity:
+                raise Overloaded(
+                    f"server busy decoding images ({self.used} of {self.capacity} pixels in "
+                    "flight); retry with backoff"
+                )
+            self.used += pixels
         try:
-            # Animated WebP/PNG: open() leaves the first frame current and load() decodes only
-            # that one, so we classify the first frame.
-            img.load()
-            return _to_rgb(_upright(img))
-        except PromptServeError:
-            raise
-        except Exception as err:  # truncated or corrupt data; never leak a Pillow exception
-            raise InvalidImage(
-                f"image data is truncated or corrupt ({type(err).__name__}: {err})"
-            ) from None
+            yield
+        finally:
+            with self._lock:
+                self.used -= pixels
 
 
-def to_batch(
-    images: list[Image.Image], preprocess: Callable[[Image.Image], torch.Tensor]
+def request_pixels(items: Sequence[bytes], limits: ImageLimits, max_total: int) -> list[int]:
+    """Each image's pixels from its header (every limit checked), the request's total bounded
+    by `max_total` (413), before any pixel is decoded."""
+    sizes = [header_pixels(data, limits) for data in items]
+    if (total := sum(sizes)) > max_total:
+        raise ImageTooLarge(
+            f"the images of this request total {total} pixels, over the limit of "
+            f"{max_total} per request; send fewer or smaller images"
+        )
+    return sizes
+
+
+def decode_batch(
+    items: Sequence[bytes],
+    limits: ImageLimits,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    *,
+    max_request_pixels: int,
+    budget: PixelBudget | None = None,
+    draft: int | None = None,
 ) -> torch.Tensor:
-    """Preprocess each image and stack them into one `[N, 3, H, W]` tensor."""
-    if not images:
-        raise ValueError("to_batch needs at least one image")
-    tensors = [preprocess(image) for image in images]
-    for t in tensors:
-        if t.ndim != 3 or t.shape[0] != 3:
-            raise ValueError(f"preprocess must return [3, H, W], got {list(t.shape)}")
-    return torch.stack(tensors)
+    """Image bytes -> preprocessed `[N, 3, H, W]`, one image alive at full size at a time.
+
+    Every header is read (and every limit checked) before any pixel is decoded; the request's
+    total is bounded by `max_request_pixels` (413), and each decode holds its pixels from the
+    process-wide `budget` (429 when exhausted). Each image becomes its model-sized tensor as
+    soon as it is decoded, so the full-size copies never pile up.
+    """
+    if not items:
+        raise ValueError("decode_batch needs at least one image")
+    sizes = request_pixels(items, limits, max_request_pixels)
+    out = None
+    for i, (data, pixels) in enumerate(zip(items, sizes, strict=True)):
+        with budget.hold(pixels) if budget is not None else contextlib.nullcontext():
+            tensor = _model_input(data, limits, preprocess, draft)
+        if out is None:
+            out = tensor.new_empty(len(items), *tensor.shape)
+        elif tensor.shape != out.shape[1:]:
+            raise ValueError(
+                f"preprocess returned {list(tensor.shape)} after {list(out.shape[1:])}"
+            )
+        out[i] = tensor
+    assert out is not None
+    return out
+
+
+def _model_input(
+    data: bytes,
+    limits: ImageLimits,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    draft: int | None = None,
+) -> torch.Tensor:
+    # Its own frame, so the decoded image is freed as soon as the tensor exists.
+    tensor = preprocess(open_image(data, limits, draft))
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"preprocess must return [3, H, W], got {list(tensor.shape)}")
+    return tensor
 
 
 def _too_many_bytes(size: int, limits: ImageLimits) -> ImageTooLarge:
@@ -159,12 +267,11 @@ def _looks_like(data: bytes, formats: tuple[str, ...]) -> bool:
     return False
 
 
-def _upright(img: Image.Image) -> Image.Image:
+def _upright(img: Image.Image) -> None:
+    """Apply the EXIF orientation in place (no copy of the pixels when there is none)."""
     # A malformed EXIF block should not cost the user a decodable image: keep it as stored.
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:
-        return img
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(img, in_place=True)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -177,4 +284,4 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -58,6 +59,50 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as visible escapes (`\\n`, `\\x1b`): a client-chosen path, header or
+    class name can then never start a forged log line of its own or drive a terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines whose message is escaped; a traceback's lines are indented under it, so no
+    part of a record can read as a line of its own at column 0."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        head, sep, rest = super().format(record).partition("\n")
+        if not sep:
+            return head
+        return head + "\n" + "\n".join("    " + escape_controls(line) for line in rest.split("\n"))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record, not at configure time: test
+    runners and daemons swap (and close) it, and a stale stream raised "I/O operation on closed
+    file" at exit."""
+
+    _fixed: Any = None  # a stream given explicitly (tests capture into a buffer)
+
+    @property
+    def stream(self) -> Any:
+        return self._fixed if self._fixed is not None else sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        # StreamHandler.__init__ assigns sys.stderr here: keep following it instead
+        self._fixed = None if value is sys.stderr else value
+
+
 class _RequestIdText(logging.Filter):
     """Text lines get the request id appended, so text and JSON logs can be correlated alike."""
 
@@ -71,11 +116,11 @@ class _RequestIdText(logging.Filter):
 
 def configure(fmt: LogFormat = "text", level: str = "INFO") -> None:
     """Route every logger (uvicorn's and RQ's included) through one stderr handler."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter())  # json.dumps escapes control characters itself
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter())
         handler.addFilter(_RequestIdText())
     handler.set_name("promptserve")
     root = logging.getLogger()
@@ -94,16 +139,6 @@ def redact_url(url: str) -> str:
         return url
     user, colon, _ = userinfo.partition(":")
     return f"{scheme}://{user}{':***' if colon else ''}@{host}"
-
-
-def uvicorn_log_config(fmt: LogFormat) -> dict[str, Any] | None:
-    """uvicorn's `log_config`: None (keep ours, uvicorn's loggers propagate) for JSON, uvicorn's
-    own coloured text otherwise. Its access log is replaced by `RequestLog` in both cases."""
-    if fmt == "json":
-        return None
-    from uvicorn.config import LOGGING_CONFIG
-
-    return LOGGING_CONFIG
 
 
 class RequestLog:

@@ -50,10 +50,12 @@ class Metrics:
 
     def __init__(self, residency: Callable[[], Residency | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
+        # Labels take only values we define: never a checkpoint name or anything a client sends
+        # (thousands of checkpoints would be thousands of series per bucket).
         self.latency = Histogram(
             "promptserve_request_seconds",
-            "request latency by route and checkpoint",
-            ["route", "checkpoint"],
+            "request latency by route",
+            ["route"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -68,5 +70,20 @@ class Metrics:
         )
         self.errors = Counter(
             "promptserve_errors", "error responses by code", ["code"], registry=self.registry
+        )
+        self.in_progress = Gauge(
+            "promptserve_requests_in_progress",
+            "classify and embed requests admitted and not yet answered",
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "promptserve_client_disconnects",
+            "clients that hung up before their request was answered (not errors of ours)",
+            registry=self.registry,
+        )
+        self.receiving = Gauge(
+            "promptserve_requests_receiving",
+            "requests whose body is still arriving (not yet admitted; many: slow clients)",
+            registry=self.registry,
         )
         self.registry.register(_ResidencyCollector(residency))

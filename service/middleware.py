@@ -1,15 +1,21 @@
-"""ASGI middleware: a hard body-size limit (with or without Content-Length) and request ids."""
+"""ASGI middleware: the request body read whole, within size and time bounds; request ids."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge
+from service.errors import BodyTimeout, BodyTooLarge
+
+log = logging.getLogger(__name__)
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -18,11 +24,37 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
-class BodyLimit:
-    """Refuse bodies over `limit` bytes: at once from Content-Length, else while streaming."""
+MAX_JSON_VALUES = 200_000  # our largest request (a job of 2,000 uploaded images) holds ~10,000
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+class BodyReader:
+    """Read the whole request body before the app sees the request, within bounds.
+
+    - size: over `limit` bytes is a 413, at once from Content-Length, else while streaming;
+    - time: a body that stalls for `idle_timeout_s` between chunks, or is not complete within
+      `timeout_s`, is a 408 and the connection is closed (a client that sends headers and a few
+      bytes, then stalls, held its slot for as long as it liked);
+    - disconnect: a client that hangs up mid-body is not an error of ours: logged at INFO and
+      counted through `on_disconnect`, and nothing is answered.
+    Because the app runs only once the body has arrived, a request counts against admission
+    from then on, not while a slow client is still sending it.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        timeout_s: float = 60.0,
+        idle_timeout_s: float = 10.0,
+        on_disconnect: Callable[[], None] | None = None,
+        receiving: Callable[[float], None] | None = None,
+        max_json_values: int = MAX_JSON_VALUES,
+    ) -> None:
+        self.max_json_values = max_json_values
         self.app, self.limit = app, limit
+        self.timeout_s, self.idle_timeout_s = timeout_s, idle_timeout_s
+        self.on_disconnect = on_disconnect
+        self.receiving = receiving or (lambda delta: None)  # bodies being received (a gauge)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,33 +63,102 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and not length.isdigit():
-            await _reject(send, self.limit, 400, "bad_request", "Content-Length is not a number")
+            await _reject(send, 400, "bad_request", "Content-Length is not a number")
             return
         if length is not None and int(length) > self.limit:
-            await _reject(send, self.limit)
+            await _reject(send, 413, BodyTooLarge.code, _too_large(self.limit))
             return
-        seen = 0
+        if length is None and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body (GET, DELETE, ...)
+            return
+        self.receiving(1)
+        try:
+            body = await self._read(scope, receive, send)
+        finally:
+            self.receiving(-1)
+        if body is None:
+            return
+        if _is_json(headers) and (n := json_values_bound(body)) > self.max_json_values:
+            # A 64 MiB body of `[[],[],...]` is millions of Python objects and seconds of
+            # parsing for whoever parses it (FastAPI or us): counted on the bytes, refused unread.
+            await _reject(
+                send,
+                413,
+                "too_many_values",
+                f"the JSON body holds up to {n} values; at most {self.max_json_values}",
+            )
+            return
+        replayed = False
 
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(_too_large(self.limit))
-            return message
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: a disconnect, for streaming responses
 
-        await self.app(scope, limited, send)
+        await self.app(scope, replay, send)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The body, or None once the client has been answered (413/408) or has left."""
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            wait = min(self.idle_timeout_s, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.0))
+            except TimeoutError:
+                await _reject(
+                    send, 408, BodyTimeout.code, _slow(self.idle_timeout_s, self.timeout_s)
+                )
+                return None
+            if message["type"] == "http.disconnect":
+                log.info(
+                    "client %s left while sending the body of %s %s (%d bytes received)",
+                    (scope.get("client") or ("?",))[0],
+                    scope.get("method", ""),
+                    scope.get("path", ""),
+                    size,
+                )
+                if self.on_disconnect is not None:
+                    self.on_disconnect()
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await _reject(send, 413, BodyTooLarge.code, _too_large(self.limit))
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def json_values_bound(body: bytes) -> int:
+    """An upper bound of the values in a JSON document, from its bytes alone: every value after
+    the first in an array or object follows a comma, and every array or object opens with a
+    bracket (commas inside strings only make the bound looser; base64 has none)."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+
+
+def _is_json(headers: dict[bytes, bytes]) -> bool:
+    ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return ctype in (b"", b"application/json") or ctype.endswith(b"+json")
+
+
+def _slow(idle: float, total: float) -> str:
+    return (
+        f"the request body was not received in time (at most {idle:g} s between chunks and "
+        f"{total:g} s in all); send the body promptly"
+    )
 
 
 def _too_large(limit: int) -> str:
     return f"request body over {limit} bytes; send fewer or smaller images"
 
 
-async def _reject(
-    send: Send, limit: int, status: int = 413, code: str = "", message: str = ""
-) -> None:
-    body = error_body(code or BodyTooLarge.code, message or _too_large(limit))
+async def _reject(send: Send, status: int, code: str, message: str) -> None:
+    body = error_body(code, message)
     await send(
         {
             "type": "http.response.start",

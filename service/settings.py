@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     onnx_cache_dir: str = Field(default="var/onnx", description="exported graphs, reused")
     onnx_threads: int | None = Field(default=None, ge=1, description="default: all cores")
     onnx_int8: bool = Field(default=False, description="int8 dynamic quantization (CPU)")
+    image_decode: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="auto: nvJPEG + resize on the GPU when the backbone is on CUDA, else cpu "
+        "(PIL + open_clip's transform, the reference path); non-JPEG images always take cpu",
+    )
+    jpeg_draft: bool = Field(
+        default=False,
+        description="decode JPEGs at a reduced DCT scale (faster; not the reference preprocessing)",
+    )
     # the store and residency
     store: str = Field(default="file://var/store", description="file://DIR or redis://HOST:PORT/DB")
     max_checkpoint_bytes: int = Field(default=256 * 2**20, ge=1024)
@@ -75,6 +84,19 @@ class Settings(BaseSettings):
         default=False, description="allow binding a non-loopback address with no API keys"
     )
     shutdown_timeout_s: float = Field(default=30.0, ge=0, description="drain time on SIGTERM")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="408 and close when a request head takes longer"
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, description="408 when a request body takes longer in all"
+    )
+    body_idle_timeout_s: float = Field(
+        default=10.0, gt=0, description="408 when a request body stalls this long"
+    )
+    metrics_public: bool = Field(
+        default=False,
+        description="serve /metrics and /readyz's details without a key (a private scrape network)",
+    )
     # logs (service/logs.py)
     log_format: Literal["json", "text"] = Field(
         default="text", description="json: one object per line with the request id"
@@ -92,7 +114,20 @@ class Settings(BaseSettings):
     max_images: int = Field(default=64, ge=1, description="images per request")
     max_image_bytes: int = Field(default=10 * 2**20, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_request_pixels: int = Field(
+        default=100_000_000, ge=1, description="decoded pixels per request, from the headers"
+    )
+    max_decode_pixels: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="decoded pixels in flight in this process (429 beyond): bounds decode memory",
+    )
     max_adhoc_classes: int = Field(default=1000, ge=1, description="ad-hoc zero-shot classes")
+    max_adhoc_texts: int = Field(
+        default=60_000,
+        ge=1,
+        description="ad-hoc prompts (classes x templates) being encoded at once (429 beyond)",
+    )
     zeroshot_cache_entries: int = Field(default=256, ge=1)
     # generation (backbone=llava)
     max_new_tokens: int = Field(default=256, ge=1, le=8192, description="default and cap")

@@ -169,3 +169,15 @@ def test_every_checkpoint_error_has_a_4xx_status():
         assert http_status(cls("x")) == 422, cls
     assert http_status(errors.CheckpointTooLarge("x")) == 413
     assert http_status(errors.StoreUnavailable("x")) == 503
+
+
+@pytest.mark.parametrize("meta", [["promptserve"], "promptserve", {"promptserve": 7}, [1, 2], 7])
+def test_a_metadata_block_of_the_wrong_type_is_malformed_not_a_crash(meta):
+    """`"promptserve" in meta` is true for a list or a string holding it: indexing it then was a
+    TypeError (a 500 on upload)."""
+    import json
+    import struct
+
+    header = json.dumps({"__metadata__": meta}).encode()
+    with pytest.raises(errors.MalformedCheckpoint):
+        parse(struct.pack("<Q", len(header)) + header)

@@ -16,7 +16,7 @@ from PIL import Image, ImageFile
 
 from service import errors
 from service.backbones.clip import ClipBackbone
-from service.images import ImageLimits, decode_base64, open_image, to_batch
+from service.images import ImageLimits, PixelBudget, decode_base64, decode_batch, open_image
 
 LIMITS = ImageLimits()
 
@@ -406,24 +406,116 @@ def simple_preprocess(img: Image.Image) -> torch.Tensor:
     return raw.view(32, 32, 3).permute(2, 0, 1).float() / 255
 
 
-def test_to_batch_with_a_simple_preprocess() -> None:
-    images = [open_image(encode(gradient(s), "PNG"), LIMITS) for s in [(48, 32), (10, 60)]]
-    batch = to_batch(images, simple_preprocess)
+def test_decode_batch_with_a_simple_preprocess() -> None:
+    blobs = [encode(gradient(s), "PNG") for s in [(48, 32), (10, 60)]]
+    batch = decode_batch(blobs, LIMITS, simple_preprocess, max_request_pixels=10**6)
     assert batch.shape == (2, 3, 32, 32)
-    assert torch.equal(batch[1], simple_preprocess(images[1]))
+    assert torch.equal(batch[1], simple_preprocess(open_image(blobs[1], LIMITS)))
 
 
-def test_to_batch_with_open_clip_preprocess(backbone: ClipBackbone) -> None:
+def test_decode_batch_with_open_clip_preprocess(backbone: ClipBackbone) -> None:
     preprocess = backbone.preprocess  # the tiny CLIP from conftest: 32x32 inputs
-    images = [open_image(encode(gradient((40, 30)), fmt), LIMITS) for fmt in ("PNG", "JPEG")]
-    images.append(open_image(encode(gradient((33, 70)), "WEBP"), LIMITS))
-    batch = to_batch(images, preprocess)
+    blobs = [encode(gradient((40, 30)), fmt) for fmt in ("PNG", "JPEG")]
+    blobs.append(encode(gradient((33, 70)), "WEBP"))
+    batch = decode_batch(blobs, LIMITS, preprocess, max_request_pixels=10**6)
     assert batch.shape == (3, 3, 32, 32)
     assert batch.dtype == torch.float32
+    # bit-identical to preprocessing the decoded image: the exact path is unchanged
+    assert torch.equal(batch[2], preprocess(open_image(blobs[2], LIMITS)))
 
 
-def test_to_batch_rejects_bad_input() -> None:
+def test_decode_batch_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
-        to_batch([], simple_preprocess)
+        decode_batch([], LIMITS, simple_preprocess, max_request_pixels=10**6)
     with pytest.raises(ValueError):
-        to_batch([Image.new("RGB", (4, 4))], lambda img: torch.zeros(1, 4, 4))
+        decode_batch(
+            [encode(gradient((4, 4)), "PNG")],
+            LIMITS,
+            lambda img: torch.zeros(1, 4, 4),
+            max_request_pixels=10**6,
+        )
+
+
+def test_the_request_total_is_checked_from_headers_before_any_decode() -> None:
+    """Two images within the per-image limit whose sum is over the request's: 413 before a pixel
+    is decoded (the preprocess would record a call)."""
+    calls: list[int] = []
+
+    def counting(img: Image.Image) -> torch.Tensor:
+        calls.append(1)
+        return simple_preprocess(img)
+
+    blobs = [encode(gradient((100, 100)), "PNG")] * 2
+    with pytest.raises(errors.ImageTooLarge) as exc:
+        decode_batch(blobs, LIMITS, counting, max_request_pixels=15_000)
+    assert_error(exc, errors.ImageTooLarge, "image_too_large")
+    assert "total 20000 pixels" in exc.value.message and calls == []
+
+
+def test_the_process_budget_refuses_at_once_and_is_released() -> None:
+    budget = PixelBudget(15_000)
+    blob = encode(gradient((100, 100)), "PNG")
+    with budget.hold(10_000), pytest.raises(errors.Overloaded):
+        decode_batch([blob], LIMITS, simple_preprocess, max_request_pixels=10**6, budget=budget)
+    assert budget.used == 0
+    decode_batch([blob, blob], LIMITS, simple_preprocess, max_request_pixels=10**6, budget=budget)
+    assert budget.used == 0  # one image held at a time, each released after its tensor exists
+
+
+# --- the exact path is unchanged by the memory work (issue 14) -----------------------------------
+
+
+def reference_rgb(data: bytes) -> Image.Image:
+    """The decode before issue 14, in effect: every copy it made, no shortcut."""
+    import contextlib
+    import io
+
+    from PIL import ImageOps
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    with contextlib.suppress(Exception):
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I") or img.mode == "F":
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def test_decoding_is_bit_identical_to_the_pipeline_before_for_every_kind(backbone) -> None:
+    """EXIF rotation now happens in place and an RGB image is no longer copied: the pixels the
+    model sees must not change, for every kind of file (turned, alpha, palette, 16-bit, CMYK)."""
+    turned = gradient((64, 40))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate
+    palette = gradient((30, 20)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    items = [
+        encode(gradient((48, 32)), "PNG"),
+        encode(gradient((48, 32)), "JPEG"),
+        encode(turned, "JPEG", exif=exif.tobytes()),
+        encode(gradient((33, 70), "RGBA"), "PNG"),
+        encode(gradient((40, 30), "LA"), "PNG"),
+        encode(gradient((40, 30), "L"), "PNG"),
+        encode(palette, "PNG", transparency=palette.getpixel((0, 0))),
+        encode(Image.new("I;16", (12, 6), 32768), "PNG"),
+        encode(gradient((16, 8), "CMYK"), "JPEG"),
+        encode(gradient((40, 30)), "WEBP", lossless=True),
+        encode(gradient((40, 30), "RGBA"), "WEBP"),
+    ]
+    before = torch.stack([backbone.preprocess(reference_rgb(d)) for d in items])
+    now = decode_batch(items, LIMITS, backbone.preprocess, max_request_pixels=10**7)
+    assert torch.equal(before, now)
+    assert reference_rgb(items[2]).size == (40, 64)  # the turned one was turned
+
+
+def test_jpeg_draft_decodes_at_the_smallest_dct_scale_that_covers_the_model() -> None:
+    """Opt-in (PROMPTSERVE_JPEG_DRAFT): 640x480 for a 32-pixel model decodes at 1/8 (80x60,
+    both sides still >= 32); other formats and the default path are untouched."""
+    jpeg = encode(gradient((640, 480)), "JPEG")
+    assert open_image(jpeg, LIMITS).size == (640, 480)
+    assert open_image(jpeg, LIMITS, draft=32).size == (80, 60)
+    assert open_image(jpeg, LIMITS, draft=224).size == (320, 240)  # 1/4 would be 120 < 224
+    assert open_image(encode(gradient((640, 480)), "PNG"), LIMITS, draft=32).size == (640, 480)

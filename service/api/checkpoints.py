@@ -224,4 +224,6 @@ async def delete(name: str, services: ServicesDep, _: AdminAuth) -> dict[str, An
     store = _store(services)
     await _call(store.versions, name)  # 404 for an unknown name rather than a silent no-op
     await _call(store.delete, name)
+    if services.residency is not None:  # this replica at once; the others through the event
+        services.residency.forget(name)
     return {"name": name, "deleted": True}

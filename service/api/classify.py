@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
-from service import errors
+from service import errors, jsonsafe
 from service.api.deps import ReadAuth, ServicesDep
 from service.schemas import (
     ClassifyRequest,
@@ -50,16 +49,22 @@ async def _multipart(request: Request, max_images: int) -> tuple[list[bytes], di
     out: dict[str, Any] = {}
     for key, values in fields.items():
         if key in ("checkpoints", "classnames", "templates"):
-            out[key] = [
-                v
-                for raw in values
-                for v in (json.loads(raw) if raw.startswith("[") else raw.split(","))
-            ]
+            out[key] = [v for raw in values for v in _form_list(key, raw)]
         elif key == "top_k":
             out[key] = int(values[0]) if values[0].isdigit() else values[0]
         else:
             out[key] = values[0]
     return files, out
+
+
+def _form_list(key: str, raw: str) -> list[Any]:
+    """A list-valued form field: a JSON array (`["a", "b"]`) or comma-separated text."""
+    if not raw.startswith("["):
+        return raw.split(",")
+    value = jsonsafe.loads(raw, f"form field {key!r}")
+    if not isinstance(value, list):
+        raise errors.BadRequest(f"form field {key!r} must be a JSON array of strings")
+    return value
 
 
 async def _body(request: Request, max_images: int) -> tuple[list[str | bytes], dict[str, Any]]:
@@ -71,11 +76,7 @@ async def _body(request: Request, max_images: int) -> tuple[list[str | bytes], d
         raise errors.UnsupportedMedia(
             f"content type {ctype!r}; send application/json or multipart/form-data"
         )
-    raw = await request.body()
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.BadRequest(f"body is not valid JSON: {exc}") from exc
+    payload = jsonsafe.loads(await request.body())
     if not isinstance(payload, dict):
         raise errors.BadRequest("body must be a JSON object")
     images = payload.get("images")
@@ -101,19 +102,18 @@ async def classify(request: Request, services: ServicesDep, _: ReadAuth) -> dict
     """Classify images by checkpoint(s), or zero-shot with ad-hoc class names."""
     inference = services.require()
     start = time.perf_counter()
-    with inference.admission():  # 429 at once when full, before the body is read
+    deadline = inference.deadline()  # from arrival: text encoding and decoding count too
+    # The body has arrived (middleware.BodyReader): admission counts only complete requests.
+    with inference.admission():  # 429 at once when full, before the body is parsed
         files, fields = await _body(request, inference.max_images)
         req = ClassifyRequest.model_validate({"images": [], **fields})
         items: list[str | bytes] = [*req.images, *files]
         inference.check_count(len(items))
         targets = await inference.targets(
-            req.checkpoint, req.checkpoints, req.classnames, req.templates
+            req.checkpoint, req.checkpoints, req.classnames, req.templates, deadline
         )
-        results = await inference.classify(items, targets, req.top_k)
-    for t in targets:
-        services.metrics.latency.labels("classify", t.checkpoint or "zeroshot").observe(
-            time.perf_counter() - start
-        )
+        results = await inference.classify(items, targets, req.top_k, deadline)
+    services.metrics.latency.labels("classify").observe(time.perf_counter() - start)
     return {"results": results}
 
 
@@ -130,9 +130,7 @@ async def embed(req: EmbedRequest, services: ServicesDep, _: ReadAuth) -> dict[s
         checkpoint, version, plan = resident.name, resident.version, resident.plan
     images = await inference.embed_images(req.images, plan) if req.images else None
     texts = await inference.embed_texts(req.texts) if req.texts else None
-    services.metrics.latency.labels("embed", checkpoint or "plain").observe(
-        time.perf_counter() - start
-    )
+    services.metrics.latency.labels("embed").observe(time.perf_counter() - start)
     return {
         "checkpoint": checkpoint,
         "version": version,

@@ -98,5 +98,20 @@ async def require_admin(
     return role
 
 
+async def ops_viewer(
+    services: ServicesDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Role | None:
+    """Who may see operational details: a key holder, or anyone when metrics are public or no
+    keys are configured (loopback only); None for an anonymous caller. A wrong key is a 401."""
+    settings = services.settings
+    if settings.metrics_public or not settings.auth_enabled:
+        return "read"
+    if creds is None:
+        return None
+    return _role(settings, creds)
+
+
 ReadAuth = Annotated[Role, Depends(require_read)]
+OpsViewer = Annotated[Role | None, Depends(ops_viewer)]
 AdminAuth = Annotated[Role, Depends(require_admin)]

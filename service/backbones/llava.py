@@ -291,7 +291,7 @@ class LlavaBackbone:
         )
         hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
         logits = self.model.lm_head(hidden)
-        state = DecodeState(out.past_key_values, mask, positions[:, -1]) if use_cache else None
+        state = DecodeState(out.cache, mask, positions[:, -1]) if use_cache else None
         return logits, state
 
     def decode(self, state: DecodeState, tokens: Tensor) -> Tensor:
@@ -305,10 +305,10 @@ class LlavaBackbone:
             inputs_embeds=self.lm.embed_tokens(tokens[:, None]),
             attention_mask=state.attention_mask,
             position_ids=state.last_position[:, None],
-            past_key_values=state.cache,
+            cache=state.cache,  # the Cache API (`past_key_values` is removed in transformers 5.40)
             use_cache=True,
         )
-        state.cache = out.past_key_values
+        state.cache = out.cache
         return self.model.lm_head(out.last_hidden_state[:, -1])
 
     @torch.no_grad()

@@ -71,6 +71,8 @@ class Batcher(QueueWorker[_Request]):
         # Compute seconds per request at the batch sizes the traffic makes (moving average):
         # what a request admitted now costs the ones behind it (Inference.admission).
         self.seconds_per_request: float | None = None
+        self._executing = False
+        self._idle = asyncio.Event()  # set when nothing is queued or computing
 
     def _refuse(self, request: _Request) -> None:
         _settle(request.future, None, NotReady("shutting down"))
@@ -122,6 +124,21 @@ class Batcher(QueueWorker[_Request]):
                 with contextlib.suppress(ValueError):
                     self._queue.remove(request)
 
+    async def run_on_worker(self, fn: Callable[[], T], patience_s: float = 0.1) -> T:
+        """Run `fn` (other model work: ad-hoc text encoding) on the model's one worker thread,
+        so it never contends with the encoder for the cores; after the queued image batches,
+        or after `patience_s` if they keep coming (background work still progresses)."""
+        if self._closing or self._executor is None:
+            raise NotReady("shutting down" if self._closing else "batcher not started")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wait_idle(), patience_s)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def _wait_idle(self) -> None:
+        while self._queue or self._executing:
+            self._idle.clear()
+            await self._idle.wait()
+
     async def _collect(self) -> None:
         while (batch := await self._gather()) is not None:
             if batch:
@@ -169,6 +186,15 @@ class Batcher(QueueWorker[_Request]):
             await self._arrived.wait()
 
     async def _execute(self, batch: list[_Request]) -> None:
+        self._executing = True
+        try:
+            await self._execute_batch(batch)
+        finally:
+            self._executing = False
+            if not self._queue:
+                self._idle.set()
+
+    async def _execute_batch(self, batch: list[_Request]) -> None:
         if self._on_batch is not None:
             try:
                 self._on_batch(sum(r.n for r in batch))

@@ -21,9 +21,16 @@ from torch import Tensor
 from service import errors
 from service.backbones.clip import ClipBackbone
 from service.engine.batcher import Batcher
+from service.engine.gpu_images import GpuImages
 from service.engine.residency import Residency
 from service.engine.zeroshot_cache import ZeroShotCache
-from service.images import ImageLimits, decode_base64, open_image, to_batch
+from service.images import (
+    ImageLimits,
+    PixelBudget,
+    decode_base64,
+    decode_batch,
+    request_pixels,
+)
 from service.prompts.base import Plan
 
 
@@ -66,6 +73,17 @@ class Inference:
     # compute (admitted x the batcher's measured seconds per request), so accepted requests
     # wait about this long at most whatever the model's speed. 0: off.
     max_queue_wait_s: float = 0.0
+    # Decoded pixels: per request (413 beyond) and in flight in the process (429 beyond).
+    max_request_pixels: int = 100_000_000
+    pixels: PixelBudget | None = None
+    # PROMPTSERVE_IMAGE_DECODE: decode and preprocess on the backbone's device (None: on the CPU).
+    gpu_images: GpuImages | None = None
+    # PROMPTSERVE_JPEG_DRAFT: JPEGs decoded at the DCT scale that still covers this many pixels
+    draft: int | None = None
+
+    def deadline(self) -> float:
+        """The deadline of a request arriving now: everything it costs counts against it."""
+        return time.monotonic() + self.timeout_s
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:
@@ -98,11 +116,19 @@ class Inference:
     def decode(self, items: Sequence[str | bytes]) -> Tensor:
         """Base64 strings or raw bytes -> preprocessed batch (run in a worker thread)."""
         self.check_count(len(items))
-        images = []
-        for item in items:
-            data = decode_base64(item, self.limits) if isinstance(item, str) else item
-            images.append(open_image(data, self.limits))
-        return to_batch(images, self.backbone.preprocess)
+        blobs = [decode_base64(i, self.limits) if isinstance(i, str) else i for i in items]
+        if self.gpu_images is not None:
+            # device memory is bounded by the GPU path's own chunks; the request's total here
+            request_pixels(blobs, self.limits, self.max_request_pixels)
+            return self.gpu_images.decode(blobs, self.limits)
+        return decode_batch(
+            blobs,
+            self.limits,
+            self.backbone.preprocess,
+            max_request_pixels=self.max_request_pixels,
+            budget=self.pixels,
+            draft=self.draft,
+        )
 
     async def targets(
         self,
@@ -110,13 +136,14 @@ class Inference:
         checkpoints: Sequence[str] | None,
         classnames: Sequence[str] | None,
         templates: Sequence[str] | None,
+        deadline: float | None = None,
     ) -> list[Target]:
         """Exactly one way of naming classifiers -> resolved, resident targets."""
         given = [x is not None for x in (checkpoint, checkpoints, classnames)]
         if sum(given) != 1:
             raise errors.BadRequest("give exactly one of checkpoint, checkpoints, classnames")
         if classnames is not None:
-            plan = await asyncio.to_thread(self.zeroshot.plan, classnames, templates)
+            plan = await self.zeroshot.plan(classnames, templates, deadline)
             return [Target(None, None, "zeroshot", plan)]
         if templates is not None:
             raise errors.BadRequest("templates go with classnames (ad-hoc zero-shot) only")
@@ -133,10 +160,14 @@ class Inference:
 
     # --- work ----------------------------------------------------------------------------------
     async def classify(
-        self, items: Sequence[str | bytes], targets: list[Target], top_k: int
+        self,
+        items: Sequence[str | bytes],
+        targets: list[Target],
+        top_k: int,
+        deadline: float | None = None,
     ) -> list[dict[str, Any]]:
         """One result per target, one prediction list per image (softmax over its classes)."""
-        deadline = time.monotonic() + self.timeout_s
+        deadline = deadline if deadline is not None else self.deadline()
         images = await asyncio.to_thread(self.decode, items)
         groups: dict[object, list[Target]] = {}
         for t in targets:
@@ -187,8 +218,8 @@ class Inference:
 
     async def embed_images(self, items: Sequence[str | bytes], plan: Plan | None) -> Tensor:
         """Normalized image embeddings, plain or under a plan's vision prompts (batched)."""
+        deadline = self.deadline()
         images = await asyncio.to_thread(self.decode, items)
-        deadline = time.monotonic() + self.timeout_s
         parts = await asyncio.gather(
             *(
                 self.batcher.submit(c, [plan or PLAIN_PLAN] * len(c), lambda f: f.cpu(), deadline)

@@ -123,6 +123,7 @@ class Residency:
         self._host = _Tier(torch.device("cpu"), host_budget)
         self._current: dict[str, int] = {}  # the validated version we serve per name
         self._loading: dict[Key, Future[Resident]] = {}
+        self._deletions: dict[str, int] = {}  # per name: a load a deletion overtook is dropped
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -178,19 +179,23 @@ class Residency:
             owner = future is None
             if owner:
                 future = self._loading[key] = Future()
+            deletions = self._deletions.get(key[0], 0)
         assert future is not None
         if not owner:
             return future.result()  # single flight: wait for the one load
         try:
             resident = self._load(key)
+            with self._lock:
+                self._loading.pop(key, None)
+                if self._deletions.get(key[0], 0) != deletions:
+                    # deleted while it loaded (the bytes were read just before): never resident
+                    raise errors.NotFound(f"checkpoint {key[0]!r} was deleted")
+                self._place(key, resident)
         except BaseException as exc:
             future.set_exception(exc)
             with self._lock:
                 self._loading.pop(key, None)
             raise
-        with self._lock:
-            self._place(key, resident)
-            self._loading.pop(key, None)
         future.set_result(resident)
         return resident
 
@@ -249,14 +254,15 @@ class Residency:
             sub.close()
 
     def apply(self, event: ps.ChangeEvent) -> None:
-        """Act on one store change: swap in a newly activated version of a name we serve."""
+        """Act on one store change: swap in a newly activated version of a name we serve, or
+        forget every resident version of a deleted name (pinned `name@N` ones too)."""
+        if event.kind == "delete":
+            self.forget(event.name)
+            return
         with self._lock:
             served = self._current.get(event.name)
         if served is None:
             return  # never served here: the next request asks the store
-        if event.kind == "delete":
-            self._forget(event.name)
-            return
         if event.kind != "activate":
             return  # a put moves no pointer (an activating put is followed by "activate")
         with store_errors():
@@ -283,8 +289,10 @@ class Residency:
         if self.on_change is not None:
             self.on_change(event.name, pointer)
 
-    def _forget(self, name: str) -> None:
+    def forget(self, name: str) -> None:
+        """Drop every resident version of `name` (it was deleted): pinned requests included."""
         with self._lock:
+            self._deletions[name] = self._deletions.get(name, 0) + 1
             self._current.pop(name, None)
             for tier in (self._device, self._host):
                 for key in [k for k in tier.items if k[0] == name]:

@@ -10,7 +10,7 @@ embeddings, and `materialize`s them once per checkpoint version.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -210,20 +210,34 @@ def normalize(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+def template_prompts(classnames: Sequence[str], template: str) -> list[str]:
+    """The hand-crafted prompts of one template, one per class."""
+    return [template.format(readable(c)) for c in classnames]
+
+
+def ensemble(per_template: Iterable[Tensor]) -> Tensor:
+    """CLIP's prompt ensembling: the mean of each template's normalized features, renormalized
+    (the mean's 1/T disappears in the renormalization)."""
+    total = None
+    for feats in per_template:
+        feats = normalize(feats)
+        total = feats if total is None else total + feats
+    if total is None:
+        raise ValueError("ensemble needs at least one template")
+    return normalize(total)
+
+
 def template_embeddings(
     backbone: ClipBackbone,
     classnames: Sequence[str],
     templates: Sequence[str],
     bias: Tensor | None = None,
 ) -> Tensor:
-    """CLIP's prompt ensembling: mean of normalized features over templates, renormalized."""
-    total = None
-    for template in templates:
-        ids = backbone.tokenize([template.format(readable(c)) for c in classnames])
-        feats = normalize(backbone.encode_text_ids(ids, bias=bias))
-        total = feats if total is None else total + feats
-    assert total is not None
-    return normalize(total)
+    """Class embeddings `[C, e]` from hand-crafted templates, ensembled (`ensemble`)."""
+    return ensemble(
+        backbone.encode_text_ids(backbone.tokenize(template_prompts(classnames, t)), bias=bias)
+        for t in templates
+    )
 
 
 @dataclass(frozen=True)

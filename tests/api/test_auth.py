@@ -58,10 +58,27 @@ def test_admin_key_does_everything(secured, upload):
     assert secured.delete("/v1/checkpoints/eurosat", headers=ADMIN_H).status_code == 200
 
 
-def test_health_and_metrics_need_no_key(secured):
+def test_probes_need_no_key_but_details_and_metrics_do(secured, upload):
+    """Without a key: liveness, and readiness as a status code with nothing else (no weights
+    path, fingerprint or store); /metrics (which names routes, error codes, residency) is a 401."""
+    assert upload(secured, headers=ADMIN_H).status_code == 201
     assert secured.get("/healthz").status_code == 200
-    assert secured.get("/readyz").status_code == 200
-    assert secured.get("/metrics").status_code == 200
+    anonymous = secured.get("/readyz")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready"}
+    detailed = secured.get("/readyz", headers=READ_H).json()
+    assert {"backbone", "fingerprint", "runtime", "store"} <= set(detailed)
+    r = secured.get("/metrics")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert secured.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    text = secured.get("/metrics", headers=READ_H).text
+    assert "promptserve_request_seconds" in text and "eurosat" not in text
+
+
+def test_metrics_can_be_made_public_for_a_private_scrape_network(make_client):
+    public = make_client(api_keys=READ, admin_keys=ADMIN, metrics_public=True)
+    assert public.get("/metrics").status_code == 200
+    assert "fingerprint" in public.get("/readyz").json()
+    assert public.get("/v1/checkpoints").status_code == 401  # the API itself is unchanged
 
 
 def test_no_keys_means_loopback_only(capsys):

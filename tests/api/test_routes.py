@@ -120,7 +120,7 @@ def test_ops_routes(client, upload):
     client.post("/v1/classify", json={"checkpoint": "missing", "images": [b64(png())]})
     text = client.get("/metrics").text
     for needle in (
-        'promptserve_request_seconds_count{checkpoint="eurosat",route="classify"} 1.0',
+        'promptserve_request_seconds_count{route="classify"} 1.0',
         "promptserve_batch_images_count",
         "promptserve_queue_depth",
         "promptserve_residency_loads_total 1.0",
@@ -185,3 +185,14 @@ def test_requests_larger_than_a_batch_are_served_in_chunks(make_client, upload):
         assert abs(one[0]["score"] - preds[i][0]["score"]) < 1e-5
     emb = c.post("/v1/embed", json={"images": images}).json()["image_embeddings"]
     assert len(emb) == 10
+
+
+def test_a_deleted_checkpoint_is_not_served_even_when_pinned(client, upload):
+    assert upload(client, seed=1).status_code == 201
+    assert upload(client, seed=2).status_code == 201
+    body = {"checkpoint": "eurosat@1", "images": [b64(png())]}
+    assert client.post("/v1/classify", json=body).status_code == 200
+    assert client.delete("/v1/checkpoints/eurosat").status_code == 200
+    gone = client.post("/v1/classify", json=body)
+    assert gone.status_code == 404, gone.text
+    assert client.get("/v1/checkpoints/eurosat").status_code == 404

@@ -215,3 +215,6 @@ def test_prometheus_is_optional_and_scrapes_the_api(compose):
     job = config["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics" and ("GET", "/metrics") in routes()
     assert job["static_configs"][0]["targets"] == ["api:8000"]
+    # /metrics needs a key: the scrape sends one, from a file mounted next to the config
+    key = job["authorization"]["credentials_file"]
+    assert any(v.endswith(f":{key}:ro") for v in prom["volumes"])

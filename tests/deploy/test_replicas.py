@@ -104,9 +104,9 @@ def test_replicas_share_one_store(backbone, redis: RedisServer, tmp_path: Path) 
     try:
         a.wait_ready()
         b.wait_ready()
-        fingerprints = {httpx.get(f"{s.url}/readyz").json()["fingerprint"] for s in (a, b)}
-        assert fingerprints == {backbone.fingerprint}
-        assert {httpx.get(f"{s.url}/readyz").json()["device"] for s in (a, b)} == {DEVICE}
+        ready = [httpx.get(f"{s.url}/readyz", headers=READ).json() for s in (a, b)]
+        assert {r["fingerprint"] for r in ready} == {backbone.fingerprint}
+        assert {r["device"] for r in ready} == {DEVICE}
 
         # 1. uploaded through A, served by B within 1 s; then a new version swaps in on B
         up = upload(a.url, checkpoint(backbone, name="pets", seed=0, classnames=CLASSNAMES))

@@ -423,3 +423,34 @@ def test_a_request_is_cheap_to_print():
     images = torch.zeros(2, 3, 224, 224)
     req = _Request(images, 2, [], lambda f: f, None, None)  # type: ignore[arg-type]
     assert repr(req) == "_Request(n=2, shape=(2, 3, 224, 224))"
+
+
+def test_other_model_work_runs_on_the_worker_thread_after_queued_batches():
+    """Ad-hoc text encoding goes through `run_on_worker`: on the model's one thread (never in
+    parallel with a batch) and behind the image batches already waiting there."""
+    run = FakeRun(gated=True)
+    order: list[str] = []
+
+    async def body(b: Batcher) -> None:
+        first = asyncio.create_task(b.submit(marked(1), [DUMMY], identity))
+        await run.wait_entered()  # a batch is computing ...
+        second = asyncio.create_task(b.submit(marked(2), [DUMMY], identity))
+        await asyncio.sleep(0)  # ... and another waits in the queue
+
+        def text_work() -> int:
+            order.append("text")
+            return threading.get_ident()
+
+        other = asyncio.create_task(b.run_on_worker(text_work, patience_s=30))
+        await asyncio.sleep(0.05)
+        assert order == []  # it waits: the queue is not empty
+        run.gate.set()
+        await first
+        order.append("batch 1")
+        await second
+        order.append("batch 2")
+        thread = await other
+        assert thread in run.threads
+
+    with_batcher(run, body, max_batch_size=1, max_wait_ms=0)
+    assert order.index("text") > 0  # after the waiting image batch had its turn

@@ -158,6 +158,20 @@ def test_delete_reaches_the_replica(residency, store, backbone):
         residency.resolve("eurosat")
 
 
+def test_delete_reaches_pinned_versions_on_a_replica(residency, store, backbone):
+    """A replica that only ever served `name@1` (pinned, so never its current pointer) must drop
+    it when the name is deleted elsewhere: it was served from memory after the delete."""
+    publish(store, backbone, checkpoint(backbone, seed=1))
+    publish(store, backbone, checkpoint(backbone, seed=2))
+    residency.start()
+    residency.resolve("eurosat@1")
+    assert residency.health()["resident"] == 1
+    store.delete("eurosat")  # through the store: this replica hears it as an event only
+    assert wait_until(lambda: residency.health()["resident"] == 0)
+    with pytest.raises(errors.NotFound):
+        residency.resolve("eurosat@1")
+
+
 def test_upload_is_validated_before_the_store_sees_it(store, backbone, other_backbone):
     with pytest.raises(errors.BackboneMismatch):
         publish(store, backbone, checkpoint(other_backbone))
@@ -198,3 +212,20 @@ def test_redis_down_keeps_serving_and_recovers(backbone, tmp_path: Path, images)
         residency.close()
         store.close()
         server.kill()
+
+
+def test_a_load_overtaken_by_a_deletion_is_not_kept(residency, store, backbone, monkeypatch):
+    """The bytes were read just before the name was deleted: the load finishes, but what it
+    loaded must not become resident (it would be served, pinned, after the delete)."""
+    publish(store, backbone, checkpoint(backbone))
+    real = residency._load
+
+    def load_then_deleted(key):
+        loaded = real(key)
+        residency.forget(key[0])  # the deletion lands while the load is finishing
+        return loaded
+
+    monkeypatch.setattr(residency, "_load", load_then_deleted)
+    with pytest.raises(errors.NotFound):
+        residency.resolve("eurosat@1")
+    assert residency.health()["resident"] == 0

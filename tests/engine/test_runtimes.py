@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import onnxruntime as ort
@@ -120,9 +121,11 @@ def test_adhoc_zeroshot_classes_through_the_onnx_text_tower(backbone, classnames
 
     rt = OnnxRuntime(backbone, onnx_cache)
     templates = ["a photo of a {}.", "a sketch of the {}."]
-    ref = ZeroShotCache(backbone).plan(classnames, templates)
+    ref = asyncio.run(ZeroShotCache(backbone).plan(classnames, templates))
     calls = backbone.text_calls
-    got = ZeroShotCache(backbone, text_encoder=rt.encode_text_ids).plan(classnames, templates)
+    got = asyncio.run(
+        ZeroShotCache(backbone, text_encoder=rt.encode_text_ids).plan(classnames, templates)
+    )
     assert backbone.text_calls == calls  # eager torch's text tower was not used
     assert got.labels == ref.labels
     assert (got.classes - ref.classes).abs().max() <= 1e-4
@@ -167,3 +170,66 @@ def test_cuda_execution_provider_with_io_binding(backbone, tmp_path):
         assert (rt.encode_text_ids(ids) - gpu.encode_text_ids(ids)).abs().max() <= 1e-4
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_graphs_export_from_a_cpu_fp32_copy(backbone, images, tmp_path):
+    # A bf16 (or CUDA) backbone cannot be traced with the exporter's CPU float32 example inputs:
+    # the graphs come from a CPU fp32 copy of the same weights, and the served backbone is left as
+    # it was. The bf16 weights' rounding is in the graph too, so compare with eager on those.
+    import copy
+    from dataclasses import replace
+
+    half = replace(backbone, model=copy.deepcopy(backbone.model).to(torch.bfloat16))
+    half = replace(half, dtype=torch.bfloat16)
+    rt = OnnxRuntime(half, tmp_path)
+    got = rt.encode(images, None, None, "append")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    rounded = replace(half, model=copy.deepcopy(half.model).float(), dtype=torch.float32)
+    assert (got - rounded.encode_image(images)).abs().max() <= 1e-4
+    ids = backbone.tokenize(["a photo of a cat."])
+    assert (rt.encode_text_ids(ids) - rounded.encode_text_ids(ids)).abs().max() <= 1e-4
+
+
+CUDA_ORT = pytest.mark.skipif(
+    not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs CUDA and onnxruntime-gpu's CUDA execution provider (no GPU on this machine)",
+)
+
+
+def _on_cuda(backbone, dtype=torch.float32):
+    import copy
+    from dataclasses import replace
+
+    model = copy.deepcopy(backbone.model).to("cuda", dtype)
+    return replace(backbone, model=model, device=torch.device("cuda"), dtype=dtype)
+
+
+@CUDA_ORT
+def test_cuda_execution_provider_parity_on_mixed_batches(backbone, classnames, images, tmp_path):
+    # Against eager fp32 on the CPU: GPU and CPU fp32 sum in different orders (~1e-5 on this tiny
+    # model); 1e-3 still fails any wrong prompt or bias, which moves features by > 1e-2.
+    plans = _plans(backbone, classnames)
+    ref = encode(backbone, images, plans)
+    gpu = _on_cuda(backbone)
+    rt = OnnxRuntime(gpu, tmp_path)
+    got = encode(gpu, images.cuda(), plans, runtime=rt)
+    assert got.device.type == "cuda" and rt.exports == 3
+    assert (got.cpu() - ref).abs().max() <= 1e-3
+
+
+@CUDA_ORT
+def test_cuda_execution_provider_serves_a_bf16_backbone(backbone, images, tmp_path):
+    # The graph is fp32 (of the bf16-rounded weights): it needs no bf16 support in ORT.
+    gpu = _on_cuda(backbone, torch.bfloat16)
+    rt = OnnxRuntime(gpu, tmp_path)
+    got = rt.encode(images.cuda(), None, None, "append").float().cpu()
+    eager = gpu.encode_image(images.cuda()).float().cpu()
+    assert F.cosine_similarity(got, eager).min() >= 0.99  # bf16 eager vs fp32 graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU on this machine)")
+def test_auto_picks_cuda_graphs_on_a_gpu_and_says_why(backbone, tmp_path):
+    from service.engine.runtimes.select import GPU_AUTO_REASON, select_runtime
+
+    rt, why = select_runtime("auto", _on_cuda(backbone), cache_dir=str(tmp_path))
+    assert rt.name == "cudagraph" and why == GPU_AUTO_REASON

@@ -35,14 +35,28 @@ def ref_image(visual, images, shared_ctx, deeper):
     return visual.ln_post(x[:, 0, :]) @ visual.proj
 
 
-def ref_prompts(model, tokenizer, classnames, prompt_prefix, n_ctx, ctx):
-    """CoOp's construct_prompts: [SOS] + ctx + suffix of "prefix name."."""
+def ref_prompts(model, tokenizer, classnames, prompt_prefix, n_ctx, ctx, position="end"):
+    """CoOp's prompt construction from the token embeddings of "prefix name.": [SOS] + ctx +
+    suffix ("end"); [SOS] + first half of ctx + name + second half + rest ("middle"); [SOS] +
+    name + ctx + rest ("front"), the name being the class's BPE tokens at the suffix's start."""
     names = [c.replace("_", " ") for c in classnames]
     tokenized = tokenizer([f"{prompt_prefix} {n}." for n in names])
     emb = model.token_embedding(tokenized)
     prefix, suffix = emb[:, :1], emb[:, 1 + n_ctx :]
     ctx = ctx.unsqueeze(0).expand(len(names), -1, -1) if ctx.dim() == 2 else ctx
-    return torch.cat([prefix, ctx, suffix], dim=1), tokenized
+    if position == "end":
+        return torch.cat([prefix, ctx, suffix], dim=1), tokenized
+    rows = []
+    for i, name in enumerate(names):
+        name_len = int(tokenizer([name]).argmax(dim=-1)[0]) - 1  # tokens between SOS and EOT
+        head, c = prefix[i : i + 1], ctx[i : i + 1]
+        cls, rest = suffix[i : i + 1, :name_len], suffix[i : i + 1, name_len:]
+        if position == "middle":
+            half = n_ctx // 2
+            rows.append(torch.cat([head, c[:, :half], cls, c[:, half:], rest], dim=1))
+        else:
+            rows.append(torch.cat([head, cls, c, rest], dim=1))
+    return torch.cat(rows), tokenized
 
 
 def ref_text(model, prompts, tokenized, deeper):

@@ -11,38 +11,32 @@ import torch.nn.functional as F
 from service.checkpoints import materialize
 from service.cli import main
 from service.engine.forward import classify
-from service.errors import InvalidContent, MalformedCheckpoint
+from service.errors import ExtraTensor, InvalidContent, MalformedCheckpoint
 from service.importers.dassl import detect_method, import_dassl
+from service.importers.layouts import backbone_key
+from tests.conftest import CLASSNAMES
+from tests.importers.dassl_files import frozen_clip, save_dassl, token_buffers
 from tests.importers.reference import ref_image, ref_logits, ref_prompts, ref_text
 
 G = torch.Generator().manual_seed(42)
+BUFFERS = {p + b for p in ("", "prompt_learner.") for b in ("token_prefix", "token_suffix")}
 
 
 def rnd(*shape):
     return (torch.randn(*shape, generator=G) * 0.05).half()
 
 
-def _save(tmp_path, state, name="model.pth.tar-5"):
-    path = tmp_path / name
-    torch.save(
-        {
-            "state_dict": state,
-            "epoch": 5,
-            "optimizer": {"state": {}, "param_groups": []},
-            "scheduler": {"last_epoch": 5},
-        },
-        path,
-    )
-    return path
+def _save(tmp_path, state, name="model.pth.tar-5", epoch=5):
+    """A Dassl-written file: the prompts are what its SGD optimizes, frozen tensors are not."""
+    trainable = [k for k in state if k not in BUFFERS and backbone_key(k) is None]
+    return save_dassl(tmp_path / name, state, trainable, epoch)
 
 
-def _frozen_clip_keys(backbone):
-    """What the whole-model references also save: frozen CLIP weights under their prefixes."""
-    sd = backbone.model.state_dict()
+def _frozen_clip_keys(backbone, classnames=CLASSNAMES, n_ctx=2, phrase="a photo of a"):
+    """What the whole-model references also save: the frozen CLIP and the prompt buffers."""
     return {
-        "image_encoder.conv1.weight": sd["visual.conv1.weight"].half(),
-        "text_encoder.positional_embedding": sd["positional_embedding"].half(),
-        "logit_scale": sd["logit_scale"].half(),
+        **frozen_clip(backbone),
+        **token_buffers(backbone, classnames, n_ctx, phrase, prefix="prompt_learner."),
     }
 
 
@@ -61,7 +55,7 @@ def _f(t):
 
 def test_coop(backbone, images, classnames, tmp_path):
     ctx = rnd(16, backbone.text_width)
-    state = {"ctx": ctx, "token_prefix": rnd(4, 1, 48), "token_suffix": rnd(4, 60, 48)}
+    state = {"ctx": ctx, **token_buffers(backbone, classnames, 16)}
     ckpt, _ = import_dassl(
         _save(tmp_path, state), name="pets", classnames=classnames, backbone=backbone
     )
@@ -98,8 +92,7 @@ def test_cocoop(backbone, images, classnames, tmp_path):
         "meta_net.linear1.bias": rnd(e // 16) + 1,
         "meta_net.linear2.weight": rnd(d, e // 16) * 20,
         "meta_net.linear2.bias": rnd(d),
-        "token_prefix": rnd(4, 1, d),
-        "token_suffix": rnd(4, 72, d),
+        **token_buffers(backbone, classnames, 4),
     }
     ckpt, _ = import_dassl(
         _save(tmp_path, state), name="cocoop", classnames=classnames, backbone=backbone
@@ -130,9 +123,7 @@ def test_maple(backbone, images, classnames, tmp_path, depth):
         "prompt_learner.ctx": rnd(n, dt),
         "prompt_learner.proj.weight": rnd(dv, dt) * 10,
         "prompt_learner.proj.bias": rnd(dv),
-        "prompt_learner.token_prefix": rnd(4, 1, dt),
-        "prompt_learner.token_suffix": rnd(4, 74, dt),
-        **_frozen_clip_keys(backbone),
+        **_frozen_clip_keys(backbone, classnames, n),
     }
     for i in range(depth - 1):
         state[f"prompt_learner.compound_prompts_text.{i}"] = rnd(n, dt) * 10
@@ -170,23 +161,20 @@ def test_maple(backbone, images, classnames, tmp_path, depth):
 
 
 def _deep_state(backbone, n_v, depth_v, n_t=0, depth_t=0, zs=False):
-    state = {
-        "image_encoder.VPT": rnd(n_v, backbone.vision_width) * 10,
-        **_frozen_clip_keys(backbone),
-    }
+    state = dict(frozen_clip(backbone, zero_shot_tower=zs))
+    if depth_v:
+        state["image_encoder.VPT"] = rnd(n_v, backbone.vision_width).float() * 10
     for i in range(1, depth_v):
         state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = (
-            rnd(n_v, backbone.vision_width) * 10
+            rnd(n_v, backbone.vision_width).float() * 10
         )
     if depth_t:
         state["prompt_learner.ctx"] = rnd(n_t, backbone.text_width)
-        state["prompt_learner.token_prefix"] = rnd(4, 1, backbone.text_width)
+        state |= token_buffers(backbone, CLASSNAMES, n_t, "a photo of a", "prompt_learner.")
         for i in range(1, depth_t):
             state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = (
-                rnd(n_t, backbone.text_width) * 10
+                rnd(n_t, backbone.text_width).float() * 10
             )
-    if zs:
-        state["prompt_learner.ZS_image_encoder.conv1.weight"] = rnd(64, 3, 8, 8)
     return state
 
 
@@ -231,10 +219,42 @@ def test_ivlp_and_promptsrc(backbone, images, classnames, tmp_path, method, n, d
     assert (_ours(backbone, ckpt, images) - ref_logits(m, img, txt)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("method", ["ivlp", "promptsrc"])
+def test_language_only_ivlp(backbone, images, classnames, tmp_path, method):
+    """PROMPT_DEPTH_VISION 0 (the `_4ctx_language_only` config): deep text prompts, no vision
+    prompt at all. Detected as IVLP (PromptSRC with its frozen image tower), every text prompt
+    kept, the image side the plain encoder, logits as the reference's."""
+    n, depth = 4, 3
+    state = _deep_state(backbone, 0, 0, n, depth, zs=method == "promptsrc")
+    assert not any(k.startswith("image_encoder.") and "VPT" in k for k in state)
+    ckpt, _ = import_dassl(
+        _save(tmp_path, state), name="lp", classnames=classnames, backbone=backbone
+    )
+    cfg = ckpt.manifest.method_config
+    assert ckpt.manifest.method == method
+    assert (cfg["depth_vision"], cfg["n_ctx_vision"], cfg["depth_text"]) == (0, 0, depth)
+    assert set(ckpt.params) == {"text_ctx"}
+    plan = materialize(ckpt, backbone)
+    assert plan.vision_tokens is None
+    m = backbone.model
+    prompts, tokenized = ref_prompts(
+        m, _tok(backbone), classnames, "a photo of a", n, _f(state["prompt_learner.ctx"])
+    )
+    txt = ref_text(m, prompts, tokenized, _deep_lists(state, "text", depth))
+    img = ref_image(m.visual, images, None, [])
+    assert (_ours(backbone, ckpt, images) - ref_logits(m, img, txt)).abs().max() <= 1e-4
+    # what the issue saw: read as CoOp, the 2 deeper text prompts would be dropped
+    with pytest.raises(ExtraTensor, match=r"coop does not use tensor.*VPT_shallow"):
+        import_dassl(
+            _save(tmp_path, state), name="lp", classnames=classnames, backbone=backbone,
+            method="coop",
+        )  # fmt: skip
+
+
 def test_layout_is_detected_from_keys_not_flags(backbone, classnames, tmp_path):
     state = _deep_state(backbone, 2, 2, 2, 2)
     assert detect_method(state) == "ivlp"
-    with pytest.raises(InvalidContent, match="keys are those of ivlp"):
+    with pytest.raises(ExtraTensor, match=r"maple does not use tensor.*those of ivlp"):
         import_dassl(
             _save(tmp_path, state),
             name="x",

@@ -11,6 +11,8 @@ execution provider runs with I/O binding: inputs and outputs stay in torch's CUD
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import threading
@@ -56,6 +58,16 @@ def physical_cores() -> int:
     return len(allowed) or os.cpu_count() or 1
 
 
+def preload_cuda_libraries() -> None:
+    """Load the CUDA 13 and cuDNN 9 libraries that the torch wheels installed (site-packages'
+    nvidia/cu13 and nvidia/cudnn) before a CUDA session needs them: onnxruntime-gpu links them by
+    name and a host without a system CUDA toolkit has them nowhere else. Importing torch loads
+    most of them already; cuDNN it loads lazily, on its first convolution."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is not None:
+        preload(cuda=True, cudnn=True)
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Deliberate settings: all graph optimizations (LayerNorm/GELU/bias fusions on top of the
     fused attention the export emits), the CPU memory arena and memory-pattern planning (a
@@ -94,6 +106,7 @@ class OnnxRuntime:
         )
         self.providers: list[Any] = ["CPUExecutionProvider"]
         if self.cuda:
+            preload_cuda_libraries()
             index = backbone.device.index or 0
             # use_tf32 off: fp32 parity with eager (<= 1e-4) does not survive TF32 matmuls.
             cuda = ("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0})
@@ -141,14 +154,26 @@ class OnnxRuntime:
                 self._sessions[key] = sess
             return sess
 
+    def _export_source(self) -> ClipBackbone:
+        """What the graphs are traced from: the backbone if it is fp32 on the CPU, else a CPU fp32
+        copy. The exporter traces with CPU float32 example inputs (a CUDA or bf16 tower would
+        fail on a device or dtype mismatch), and the graph's inputs are float32 anyway."""
+        bb = self.backbone
+        if bb.device.type == "cpu" and bb.dtype == torch.float32:
+            return bb
+        model = copy.deepcopy(bb.model).to("cpu", torch.float32)
+        cpu = torch.device("cpu")
+        return dataclasses.replace(bb, model=model, device=cpu, dtype=torch.float32)
+
     def _export(self, key: Key | str, path: Path) -> None:
         start = time.perf_counter()
         target = path.with_suffix(f".{os.getpid()}.fp32.onnx") if self.int8 else path
+        source = self._export_source()
         if isinstance(key, str):
-            export_text(self.backbone, target)
+            export_text(source, target)
         else:
             depth, n, placement = key
-            export_vision(self.backbone, depth, n, placement, target)  # type: ignore[arg-type]
+            export_vision(source, depth, n, placement, target)  # type: ignore[arg-type]
         if self.int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -1,0 +1,139 @@
+"""Shared-memory image slots between a front-end process and the engine process.
+
+A front end owns one segment, a file under /dev/shm mapped by both processes: `count` slots of
+one model-sized image each (`H x W x 3` uint8, the crop the CPU preprocessing makes before its
+float conversion). It writes a request's images into free slots and sends the engine only the
+slot numbers (a few bytes); the engine maps the segment once and reads the slots it is told
+of, so no image crosses a socket. Only the front end allocates and frees: a slot is freed when
+the engine's answer for its request arrives (the engine has copied the images into its batch
+before it answers), or when the engine is known dead.
+
+Segments are named `<prefix>-<service pid>-...`, so whoever starts the service next can tell a
+dead service's segments (its pid is gone) and remove them (`remove_stale`): a segment never
+outlives its service for longer than the next start, even after `kill -9`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from service.errors import Overloaded
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "promptserve"
+_NAME = re.compile(rf"^{PREFIX}-(\d+)-")
+
+
+def segment_name(service_pid: int, role: str) -> str:
+    """The file name of a segment of the service whose supervisor is `service_pid`."""
+    return f"{PREFIX}-{service_pid}-{role}"
+
+
+def remove_stale(directory: Path = SHM_DIR) -> list[str]:
+    """Remove the segments of services whose supervisor process no longer exists."""
+    removed = []
+    for path in directory.glob(f"{PREFIX}-*"):
+        match = _NAME.match(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SlotPool:
+    """The front end's side: a segment of `count` image slots, a free list, writes."""
+
+    def __init__(
+        self, name: str, count: int, shape: Sequence[int], directory: Path = SHM_DIR
+    ) -> None:
+        self.name, self.count, self.shape = name, count, tuple(shape)
+        self.slot_bytes = int(torch.Size(self.shape).numel())  # uint8
+        self.path = directory / name
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, self.slot_bytes * count)
+            self._map = mmap.mmap(fd, self.slot_bytes * count)
+        finally:
+            os.close(fd)
+        self._tensor = torch.frombuffer(self._map, dtype=torch.uint8).view(count, *self.shape)
+        self._free = list(range(count - 1, -1, -1))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def put(self, images: Tensor) -> list[int]:
+        """Copy `[n, *shape]` uint8 images into free slots; their numbers (Overloaded if full)."""
+        n = int(images.shape[0])
+        if tuple(images.shape[1:]) != self.shape or images.dtype != torch.uint8:
+            raise ValueError(f"slots hold {self.shape} uint8, not {tuple(images.shape[1:])}")
+        if n > len(self._free):
+            raise Overloaded(
+                f"image slots full ({self.count - len(self._free)} of {self.count} in use); "
+                "retry with backoff"
+            )
+        slots = [self._free.pop() for _ in range(n)]
+        for i, slot in enumerate(slots):
+            self._tensor[slot].copy_(images[i])
+        return slots
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Give slots back (their request was answered, or will never be)."""
+        self._free.extend(slots)
+
+    def close(self) -> None:
+        """Unmap and remove the segment (the engine's mapping stays valid until it unmaps)."""
+        del self._tensor
+        with contextlib.suppress(BufferError):
+            self._map.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class SlotReader:
+    """The engine's side: one segment mapped, slots gathered into a batch."""
+
+    def __init__(self, name: str, count: int, shape: Sequence[int], directory: Path = SHM_DIR):
+        self.name, self.count, self.shape = name, count, tuple(shape)
+        size = int(torch.Size(self.shape).numel()) * count
+        # Mapped shared and writable (torch views of read-only memory warn on creation); the
+        # engine only ever reads it.
+        fd = os.open(directory / name, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._tensor = torch.frombuffer(self._map, dtype=torch.uint8).view(count, *self.shape)
+
+    def read(self, slots: Sequence[int]) -> Tensor:
+        """A copy of the images in `slots`, `[n, *shape]` uint8 (the front end may reuse the
+        slots as soon as the engine has answered)."""
+        index = torch.tensor(list(slots), dtype=torch.long)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.count):
+            raise ValueError(f"slot numbers out of range 0..{self.count - 1}")
+        return self._tensor.index_select(0, index)
+
+    def close(self) -> None:
+        del self._tensor
+        with contextlib.suppress(BufferError):
+            self._map.close()

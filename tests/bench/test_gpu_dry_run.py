@@ -1,0 +1,44 @@
+"""bench/gpu.py is run once on a scarce GPU: its --dry-run (tiny models on the CPU, the same code
+paths, servers and clients included) must get through every section without an error here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_every_section_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # cuda-tests is left out: it runs tests of this suite, which skip here without CUDA anyway
+    sections = "environment,runtimes,decode,issue16,peers,issue21"
+    cmd = [sys.executable, "-m", "bench.gpu", "--dry-run", "--budget-s", "1500", "--phase-s", "1",
+           "--json", str(out), "--var", str(tmp_path / "var"), "--sections", sections]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    assert not errors, errors
+    # each section's results in the shapes the GPU run reports (not the figures: a loaded CPU
+    # may answer no request within a dry run's one-second phase, so no rate is asserted)
+    assert results["environment"]["bandwidth_gb_s"] > 0
+    parity = results["runtimes"]["parity"]
+    assert set(parity) == {"eager fp32", "ONNX CPU EP fp32 (dry run)"}
+    assert parity["ONNX CPU EP fp32 (dry run)"][0] < 1e-3  # [max abs diff, min cosine]
+    assert set(results["decode"]["probe"]) >= {"baseline 4:2:0", "progressive", "CMYK"}
+    assert {r["decode"] for r in results["decode"]["served"]} == {"gpu", "cpu"}
+    assert {"raw_img_s", "served", "ratio"} <= set(results["issue16"][0])
+    rows = results["peers"]
+    assert any("skipped" in r for r in rows if r["label"].startswith("Infinity"))
+    assert {"promptserve eager fp32", "promptserve ONNX int8"} <= {r["label"] for r in rows}
+    for row in results["decode"]["served"] + [r for r in rows if "statuses" in r]:
+        assert set(row["statuses"]) <= {"200", 200}  # whatever was answered was answered well
+    assert [r["streams"] for r in results["issue21"]["rows"]] == [1, 2]
