@@ -1,5 +1,6 @@
 """Serving the console: `/` and `/ui` lead to it, its files come from `static/`, and the example
-images an operator configured (`PROMPTSERVE_EXAMPLES_DIR`, the demo sets it) are listed for it.
+images an operator configured (`PROMPTSERVE_EXAMPLES_DIR`, the demo sets it) are listed for it,
+read-only, with the true labels its labels.json gives.
 
 The console is plain files: no build step, no CDN, nothing fetched from elsewhere. Its pages are
 public (they hold no data); everything they show comes from the API with the user's key.
@@ -18,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from service import errors
+from service.api.deps import ReadAuth
 from service.settings import Settings
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -48,26 +50,46 @@ class ConsoleFiles(StaticFiles):
         return response
 
 
+LABEL_FILES = ("labels.json", "index.json")  # the demo writes the first; either is read
+
+
+def _truths(root: Path) -> dict[str, Any]:
+    """file name -> its entry in labels.json (or index.json): a label, or {"label", "domain"}."""
+    for name in LABEL_FILES:
+        try:
+            loaded = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            continue  # labels are optional: the images still show, without their truth
+        if isinstance(loaded, dict):
+            return loaded
+    return {}
+
+
+def _text(value: Any) -> str | None:
+    return value[:200] if isinstance(value, str) else None
+
+
 def examples(folder: str | None) -> list[dict[str, Any]]:
-    """The example images in `folder` (sorted, bounded), with true labels from labels.json."""
+    """The example images in `folder` (sorted, bounded), each with its true label and its group
+    (the demo's domain) when the folder's labels.json says them."""
     if not folder or not Path(folder).is_dir():
         return []
     root = Path(folder)
-    labels: dict[str, Any] = {}
-    try:
-        loaded = json.loads((root / "labels.json").read_text())
-        labels = loaded if isinstance(loaded, dict) else {}
-    except (OSError, ValueError):
-        pass  # labels are optional: the images still show, without their truth
+    truths = _truths(root)
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [
-        {
-            "file": p.name,
-            "url": f"/ui/examples/{p.name}",
-            "label": labels.get(p.name) if isinstance(labels.get(p.name), str) else None,
-        }
-        for p in files[:MAX_EXAMPLES]
-    ]
+    out = []
+    for p in files[:MAX_EXAMPLES]:
+        entry = truths.get(p.name)
+        meta = entry if isinstance(entry, dict) else {"label": entry}
+        out.append(
+            {
+                "file": p.name,
+                "url": f"/ui/examples/{p.name}",
+                "label": _text(meta.get("label")),
+                "group": _text(meta.get("domain", meta.get("group"))),
+            }
+        )
+    return out
 
 
 def router_for(settings: Settings) -> APIRouter:
@@ -82,12 +104,14 @@ def router_for(settings: Settings) -> APIRouter:
     async def ui() -> RedirectResponse:
         return RedirectResponse("/ui/", status_code=307)
 
+    # The examples are the operator's files: they need a read key like everything else that
+    # holds data (the console fetches them with its Bearer header).
     @router.get("/ui/examples.json")
-    async def example_list() -> dict[str, Any]:
+    async def example_list(_: ReadAuth) -> dict[str, Any]:
         return {"examples": examples(settings.examples_dir)}
 
     @router.get("/ui/examples/{file}")
-    async def example(file: str) -> FileResponse:
+    async def example(file: str, _: ReadAuth) -> FileResponse:
         # Only names the listing offers: no path from the URL ever reaches the filesystem.
         match = next((e for e in examples(settings.examples_dir) if e["file"] == file), None)
         if match is None or settings.examples_dir is None:

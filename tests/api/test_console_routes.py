@@ -146,14 +146,18 @@ def test_examples_are_listed_and_only_they_are_served(make_client, tmp_path):
     folder.mkdir()
     (folder / "b.png").write_bytes(png(color=(0, 0, 255)))
     (folder / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg, served as it is")
+    (folder / "c.webp").write_bytes(b"RIFF")
     (folder / "notes.txt").write_text("not an image")
-    (folder / "labels.json").write_text(json.dumps({"b.png": "blue square", "a.jpg": 3}))
+    # both shapes of entry: a plain label, or the demo's {"label", "domain", ...}
+    labels = {"b.png": "blue square", "a.jpg": 3, "c.webp": {"label": "red circle", "domain": "dusk"}}
+    (folder / "labels.json").write_text(json.dumps(labels))
     (tmp_path / "secret.png").write_bytes(png())
     client = make_client(examples_dir=str(folder))
     listed = client.get("/ui/examples.json").json()["examples"]
     assert listed == [
-        {"file": "a.jpg", "url": "/ui/examples/a.jpg", "label": None},
-        {"file": "b.png", "url": "/ui/examples/b.png", "label": "blue square"},
+        {"file": "a.jpg", "url": "/ui/examples/a.jpg", "label": None, "group": None},
+        {"file": "b.png", "url": "/ui/examples/b.png", "label": "blue square", "group": None},
+        {"file": "c.webp", "url": "/ui/examples/c.webp", "label": "red circle", "group": "dusk"},
     ]
     r = client.get("/ui/examples/b.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -161,3 +165,33 @@ def test_examples_are_listed_and_only_they_are_served(make_client, tmp_path):
     for path in ("notes.txt", "labels.json", "..%2Fsecret.png", "%2E%2E/secret.png"):
         assert client.get(f"/ui/examples/{path}").status_code == 404, path
     assert make_client().get("/ui/examples.json").json() == {"examples": []}
+
+
+def test_examples_need_a_read_key_when_auth_is_on(make_client, tmp_path):
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    (folder / "b.png").write_bytes(png())
+    (folder / "index.json").write_text(json.dumps({"b.png": "blue square"}))  # the other name
+    client = make_client(examples_dir=str(folder), api_keys=READ, admin_keys=ADMIN)
+    for path in ("/ui/examples.json", "/ui/examples/b.png"):
+        assert client.get(path).status_code == 401, path
+    read = {"Authorization": f"Bearer {READ}"}
+    assert client.get("/ui/examples.json", headers=read).json()["examples"][0]["label"] == (
+        "blue square"
+    )
+    assert client.get("/ui/examples/b.png", headers=read).content == (folder / "b.png").read_bytes()
+    assert client.get("/ui/").status_code == 200  # the page itself holds no data
+
+
+def test_training_options_name_what_a_job_may_use(client):
+    from service.prompts.registry import METHODS
+    from service.training import proving_ground as pg
+
+    r = client.get("/v1/training/options")
+    assert r.status_code == 200, r.text
+    opts = r.json()
+    # every registered method but plain zero-shot (nothing to train) is offered
+    assert opts["methods"] == sorted(set(METHODS) - {"zeroshot"})
+    assert "proving_ground" in opts["datasets"] and "image_folder" in opts["datasets"]
+    assert opts["proving_ground"]["domains"] == sorted(pg.DOMAINS)
+    assert opts["proving_ground"]["recipe"]["epochs"] >= 1

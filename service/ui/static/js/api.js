@@ -65,6 +65,13 @@ export async function getAllowing503(path) {
   return { status: res.status, data };
 }
 
+/** GET a file that needs the key (an <img src> cannot send one): resolves with its Blob. */
+export async function getBlob(path) {
+  const res = await fetch(path, { headers: headers() });
+  if (!res.ok) throw new ApiError(res.status, `http_${res.status}`, `${path}: ${res.statusText}`);
+  return res.blob();
+}
+
 /** Read a File/Blob as a data: URI, which /v1/classify accepts as an image. */
 export function dataUrl(blob) {
   return new Promise((resolve, reject) => {

@@ -2,7 +2,7 @@
 // checkpoints (pinned versions allowed: that is how two versions are compared), or ad-hoc class
 // names. One POST /v1/classify answers every column at once, on the same images.
 
-import { api, dataUrl } from "./api.js";
+import { api, dataUrl, getBlob } from "./api.js";
 import { scoreBars } from "./charts.js";
 import { chip, clear, debounce, errorBox, field, h, uid } from "./dom.js";
 
@@ -17,16 +17,23 @@ const state = {
   targets: [{ name: "", version: "" }], // version "": whatever is live
   classnames: "",
   templates: "a photo of a {}.",
+  baseline: false, // also zero-shot on the first checkpoint's class names: what the prompt adds
   topK: 3,
   answer: null, // {images, results, seconds} or {error}
   primed: false,
 };
 let examples = null;
 
+// The examples need the key like any data, so each is fetched once with it and shown from a
+// blob: URL (which the page's CSP allows).
 async function loadExamples() {
   if (examples === null) {
     try {
-      examples = (await api("/ui/examples.json")).examples;
+      const list = (await api("/ui/examples.json")).examples;
+      examples = await Promise.all(list.map(async (ex) => {
+        const blob = await getBlob(ex.url);
+        return { ...ex, src: URL.createObjectURL(blob), data: await dataUrl(blob) };
+      }));
     } catch {
       examples = [];
     }
@@ -34,10 +41,9 @@ async function loadExamples() {
   return examples;
 }
 
-async function addExample(ex) {
+function addExample(ex) {
   if (state.images.length >= MAX_IMAGES || state.images.some((i) => i.example === ex.file)) return;
-  const blob = await (await fetch(ex.url)).blob();
-  state.images.push({ id: uid("img"), name: ex.file, src: ex.url, data: await dataUrl(blob), truth: ex.label, example: ex.file });
+  state.images.push({ id: uid("img"), name: ex.file, src: ex.src, data: ex.data, truth: ex.label, example: ex.file });
 }
 
 async function addFiles(files, onError) {
@@ -56,6 +62,20 @@ async function addFiles(files, onError) {
 
 function refOf(t) {
   return t.version ? `${t.name}@${t.version}` : t.name;
+}
+
+// The baseline column: plain zero-shot (ad-hoc class names, the service's default templates) on
+// the class names of the first checkpoint, as pinned. Two requests, the same images.
+async function baselineResult() {
+  const t = state.targets.find((x) => x.name.trim());
+  if (state.mode !== "checkpoints" || !state.baseline || !t) return null;
+  const name = encodeURIComponent(t.name);
+  const classnames = t.version
+    ? (await api(`/v1/checkpoints/${name}/versions/${t.version}`)).manifest.classnames
+    : (await api(`/v1/checkpoints/${name}`)).classnames;
+  const body = { images: state.images.map((i) => i.data), top_k: state.topK, classnames };
+  const answer = await api("/v1/classify", { method: "POST", json: body });
+  return { ...answer.results[0], baseline: refOf(t) };
 }
 
 function requestBody() {
@@ -151,18 +171,30 @@ export function render(root, ctx) {
   async function drawExamples() {
     const list = await loadExamples();
     if (!list.length) return clear(examplesBox);
+    // Grouped as the folder's labels.json groups them (the demo: by domain), so one domain's
+    // images can be tried against the checkpoint trained for it.
+    const groups = new Map();
+    for (const ex of list) {
+      const key = ex.group || "";
+      if (!groups.has(key)) groups.set(key, []);
+      groups.get(key).push(ex);
+    }
+    const addAll = (items) => { for (const ex of items) addExample(ex); drawImages(); };
     clear(
       examplesBox,
       h("div", { class: "card-head" }, h("h3", {}, "Examples"),
-        h("button", { type: "button", class: "link", onClick: async () => { for (const ex of list) await addExample(ex); drawImages(); } }, "Add all")),
-      h("div", { class: "thumbs" }, list.map((ex) => {
-        const chosen = state.images.some((i) => i.example === ex.file);
-        return h("button", {
-          type: "button", class: "thumb", "aria-pressed": String(chosen),
-          "aria-label": `Add example ${ex.file}${ex.label ? `, true label ${ex.label}` : ""}`,
-          onClick: async () => { await addExample(ex); drawImages(); },
-        }, h("img", { src: ex.url, alt: "" }), h("div", { class: "cap" }, ex.label || ex.file));
-      })),
+        h("button", { type: "button", class: "link", onClick: () => addAll(list) }, "Add all")),
+      [...groups.entries()].map(([group, items]) => h("div", { class: "example-group" },
+        group ? h("div", { class: "card-head" }, h("span", { class: "small muted" }, group),
+          h("button", { type: "button", class: "link small", "aria-label": `Add all ${group} examples`, onClick: () => addAll(items) }, `Add ${items.length}`)) : null,
+        h("div", { class: "thumbs" }, items.map((ex) => {
+          const chosen = state.images.some((i) => i.example === ex.file);
+          return h("button", {
+            type: "button", class: "thumb", "aria-pressed": String(chosen),
+            "aria-label": `Add example ${ex.file}${ex.label ? `, true label ${ex.label}` : ""}`,
+            onClick: () => { addExample(ex); drawImages(); },
+          }, h("img", { src: ex.src, alt: "" }), h("div", { class: "cap" }, ex.label || ex.file));
+        })))),
     );
   }
 
@@ -206,9 +238,11 @@ export function render(root, ctx) {
           : h("span")),
       );
     });
+    const baseline = h("input", { type: "checkbox", checked: state.baseline, onChange: (e) => { state.baseline = e.target.checked; } });
     clear(
       targetsBox,
       rows,
+      h("label", { class: "check" }, baseline, "Zero-shot beside it: the same class names, no prompt"),
       state.targets.length < MAX_TARGETS
         ? h("button", { type: "button", class: "small wrap", onClick: () => { state.targets.push({ name: state.targets[0].name, version: "" }); drawTargets(); } }, "+ Compare with another checkpoint or version")
         : null,
@@ -223,7 +257,7 @@ export function render(root, ctx) {
     if (a.error) return clear(resultsBox, errorBox(a.error));
     const labelled = a.images.filter((img) => img.truth).length;
     const summary = h("div", { class: "summary" }, a.results.map((r) => {
-      const name = r.checkpoint ? `${r.checkpoint} v${r.version}` : "zero-shot";
+      const name = r.checkpoint ? `${r.checkpoint} v${r.version}` : r.baseline ? `zero-shot (${r.baseline}'s classes)` : "zero-shot";
       if (!labelled) return chip(`${name} · ${r.method}`);
       const right = a.images.filter((img, i) => img.truth && r.predictions[i][0]?.label === img.truth).length;
       return chip(`${name}: ${right} / ${labelled} right`, right * 2 > labelled ? "ok" : "bad");
@@ -238,7 +272,7 @@ export function render(root, ctx) {
           const top = r.predictions[i][0];
           const verdict = img.truth && top ? (top.label === img.truth ? h("span", { class: "verdict right" }, "✓ right") : h("span", { class: "verdict wrong" }, "✗ wrong")) : null;
           return h("section", { class: "answer" },
-            h("h3", {}, r.checkpoint || "zero-shot", r.version ? chip(`v${r.version}`) : null, h("span", { class: "muted small" }, r.method), verdict),
+            h("h3", {}, r.checkpoint || "zero-shot", r.version ? chip(`v${r.version}`) : null, h("span", { class: "muted small" }, r.baseline ? `no prompt, ${r.baseline}'s classes` : r.method), verdict),
             scoreBars(r.predictions[i], img.truth));
         })),
       ),
@@ -254,8 +288,8 @@ export function render(root, ctx) {
     const images = state.images.slice();
     const start = performance.now();
     try {
-      const answer = await api("/v1/classify", { method: "POST", json: requestBody() });
-      state.answer = { images, results: answer.results, seconds: (performance.now() - start) / 1000 };
+      const [answer, zero] = await Promise.all([api("/v1/classify", { method: "POST", json: requestBody() }), baselineResult()]);
+      state.answer = { images, results: zero ? [...answer.results, zero] : answer.results, seconds: (performance.now() - start) / 1000 };
     } catch (err) {
       state.answer = { error: err };
     }
@@ -304,17 +338,24 @@ export function render(root, ctx) {
   prime(drawImages, drawTargets);
 }
 
-// The first visit opens ready to try: the examples loaded and the first checkpoint chosen.
+// The first visit opens ready to try: the first group of examples loaded (the demo: one domain),
+// a checkpoint chosen (one whose name mentions that group, found by the server's search, else the
+// first), and with true labels at hand, zero-shot beside it: what the prompt is worth, at a glance.
 async function prime(drawImages, drawTargets) {
   if (state.primed) return;
   state.primed = true;
-  const [list, page] = await Promise.all([loadExamples(), api("/v1/checkpoints?limit=1").catch(() => null)]);
+  const list = await loadExamples();
+  const group = list.length ? list[0].group : null;
+  const chosen = group ? list.filter((ex) => ex.group === group) : list;
+  const first = (q) => api(`/v1/checkpoints?limit=1${q ? `&q=${encodeURIComponent(q)}` : ""}`).then((p) => p.checkpoints[0] || null, () => null);
+  const ckpt = (group && (await first(group))) || (await first(""));
   if (!state.images.length) {
-    for (const ex of list.slice(0, MAX_IMAGES)) await addExample(ex);
+    for (const ex of chosen.slice(0, MAX_IMAGES)) addExample(ex);
     drawImages();
   }
-  if (!state.targets[0].name && page && page.checkpoints.length) {
-    state.targets[0].name = page.checkpoints[0].name;
+  if (!state.targets[0].name && ckpt) {
+    state.targets[0].name = ckpt.name;
+    state.baseline = chosen.some((ex) => ex.label);
     drawTargets();
   }
 }

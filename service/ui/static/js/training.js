@@ -6,16 +6,28 @@ import { api } from "./api.js";
 import { lineChart } from "./charts.js";
 import { chip, clear, errorBox, field, h, pct, when } from "./dom.js";
 
-const METHODS = ["coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc", "bias", "dualview"];
-const DOMAINS = ["gray", "noise", "checker", "source"];
+// The dataset kinds this form can describe (an upload carries its images in the job itself).
 const KINDS = { proving_ground: "Proving ground", image_folder: "Image folder", coop_split: "CoOp split" };
 const RECENT = "promptserve.jobs";
 const ENDED = ["finished", "failed", "cancelled"];
 
 const form = {
-  name: "my-gray", method: "vpt", kind: "proving_ground", domain: "gray", root: "", split_file: "", shots: 16,
+  name: "my-checkpoint", method: "vpt", kind: "proving_ground", domain: "", root: "", split_file: "", shots: 16,
   recipe: '{"epochs": 10, "optimizer": "adamw", "lr": 0.03, "warmup_epochs": 0}', method_config: "{}", activate: true,
 };
+let options = null; // GET /v1/training/options: what the service can train
+
+async function loadOptions() {
+  if (options === null) options = await api("/v1/training/options");
+  return options;
+}
+
+// A method's config for the proving ground's small backbone, while the field still holds a
+// suggestion (never over what the user typed).
+function suggestedConfig(method) {
+  const config = (options && options.proving_ground.method_config[method]) || {};
+  return JSON.stringify(config);
+}
 
 function recent() {
   try {
@@ -41,14 +53,16 @@ function parseJson(text, label) {
   }
 }
 
-function submitForm(ctx, out) {
+function submitForm(ctx, out, opts) {
+  if (!form.domain) form.domain = opts.proving_ground.domains.find((d) => d !== "source") || opts.proving_ground.domains[0];
+  const kinds = Object.fromEntries(Object.entries(KINDS).filter(([k]) => opts.datasets.includes(k)));
   const input = (key, props = {}) => h("input", { value: String(form[key]), ...props, onInput: (e) => { form[key] = e.target.value; } });
   const select = (key, options, onChange) => h("select", { onChange: (e) => { form[key] = e.target.value; if (onChange) onChange(); } },
     Object.entries(options).map(([value, label]) => h("option", { value, selected: form[key] === value }, label)));
   const datasetBox = h("div");
   const drawDataset = () => {
     if (form.kind === "proving_ground") {
-      clear(datasetBox, field("Domain", select("domain", Object.fromEntries(DOMAINS.map((d) => [d, d]))), "Generated images of shapes on this background: the shift to adapt to."));
+      clear(datasetBox, field("Domain", select("domain", Object.fromEntries(opts.proving_ground.domains.map((d) => [d, d]))), "Generated images of coloured shapes under this camera shift: what the prompt adapts to."));
     } else {
       clear(datasetBox, field("Root folder", input("root"), "A folder on the server (or the worker) that trains."), form.kind === "coop_split" ? field("Split file", input("split_file")) : null);
     }
@@ -56,14 +70,21 @@ function submitForm(ctx, out) {
   drawDataset();
   const recipe = h("textarea", { rows: 3, value: form.recipe, onInput: (e) => { form.recipe = e.target.value; } });
   const config = h("textarea", { rows: 1, class: "short", value: form.method_config, onInput: (e) => { form.method_config = e.target.value; } });
+  const onMethod = (previous) => {
+    if (form.method_config.trim() === suggestedConfig(previous) || form.method_config.trim() === "{}") {
+      form.method_config = suggestedConfig(form.method);
+      config.value = form.method_config;
+    }
+  };
+  let lastMethod = form.method;
   const activate = h("input", { type: "checkbox", checked: form.activate, onChange: (e) => { form.activate = e.target.checked; } });
   const send = h("button", { type: "submit", class: "primary" }, "Start training");
   const el = h(
     "form",
     { class: "card stack", "aria-labelledby": "train-h" },
     h("h2", { id: "train-h" }, "New training job"),
-    h("div", { class: "inline" }, field("Checkpoint name", input("name", { required: true, spellcheck: "false" })), field("Method", select("method", Object.fromEntries(METHODS.map((m) => [m, m]))))),
-    h("div", { class: "inline" }, field("Dataset", select("kind", KINDS, drawDataset)), field("Shots per class", input("shots", { type: "number", min: 1, max: 10000 }))),
+    h("div", { class: "inline" }, field("Checkpoint name", input("name", { required: true, spellcheck: "false" })), field("Method", select("method", Object.fromEntries(opts.methods.map((m) => [m, m])), () => { onMethod(lastMethod); lastMethod = form.method; }))),
+    h("div", { class: "inline" }, field("Dataset", select("kind", kinds, drawDataset)), field("Shots per class", input("shots", { type: "number", min: 1, max: 10000 }))),
     datasetBox,
     field("Recipe overrides (JSON)", recipe, "Over the method's published recipe: epochs, lr, batch_size, optimizer…"),
     field("Method config (JSON)", config),
@@ -179,12 +200,19 @@ function jobView(ctx, jobId) {
 export function render(root, ctx, jobId) {
   const out = h("div", { "aria-live": "polite" });
   const view = jobId ? jobView(ctx, jobId) : null;
+  const formBox = h("div");
+  if (ctx.isAdmin) {
+    loadOptions().then(
+      (opts) => clear(formBox, submitForm(ctx, out, opts)),
+      (err) => clear(formBox, h("div", { class: "card" }, errorBox(err))),
+    );
+  }
   root.append(
     h("div", { class: "page-head" }, h("h1", {}, "Training"), h("p", {}, "How is the training job doing?")),
     h(
       "div",
       { class: "grid side" },
-      h("div", { class: "grid" }, ctx.isAdmin ? submitForm(ctx, out) : null, jobList(ctx, jobId)),
+      h("div", { class: "grid" }, ctx.isAdmin ? formBox : null, jobList(ctx, jobId)),
       view ? view.el : h("div", { class: "card" }, h("p", { class: "empty" }, ctx.isAdmin ? "Start a job, or open one, to watch its curves here." : "Open a job to watch its curves here. Starting jobs needs an admin key.")),
     ),
   );
