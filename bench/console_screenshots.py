@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -60,13 +61,29 @@ def serve(root: Path) -> tuple[str, threading.Thread]:
     raise SystemExit("the service did not become ready")
 
 
+def demo_checkpoints() -> list[tuple[str, str, str]]:
+    """(name, method, domain) of the demo's checkpoints, whatever the demo trains today."""
+    from service.demo import DEMO_CHECKPOINTS
+
+    return [(c[0], c[1], c[2]) for c in DEMO_CHECKPOINTS]
+
+
 def traffic(url: str, images: Path, rounds: int) -> None:
     """Classify requests, as clients would send them, so the Service screen has figures."""
     pics = [base64.b64encode(p.read_bytes()).decode() for p in sorted(images.glob("*.png"))]
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {READ}"}) as client:
         for i in range(rounds):
-            for ckpt in ("gray-maple", "gray-bias", "noise-coop"):
+            for ckpt, _, _ in demo_checkpoints():
                 client.post("/v1/classify", json={"checkpoint": ckpt, "images": pics[: 1 + i % 6]})
+
+
+def snap(page: Any, path: Path, full_page: bool = True) -> None:
+    """A screenshot from the top of the page, once the toasts have gone."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(".toast")).to_have_count(0)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(path), full_page=full_page)
 
 
 def shoot(url: str, out: Path, images: Path) -> None:
@@ -85,22 +102,28 @@ def shoot(url: str, out: Path, images: Path) -> None:
         page.get_by_role("button", name="Use key").click()
         expect(page.locator("#auth-badge")).to_have_text("Admin key")
 
-        # Classify: the demo's examples against two checkpoints, side by side.
-        expect(page.locator(".thumbs .thumb")).to_have_count(6)
-        page.get_by_label("Checkpoint", exact=True).fill("gray-maple")
-        page.get_by_label("Checkpoint", exact=True).dispatch_event("change")
-        page.get_by_role("button", name="+ Compare with another checkpoint or version").click()
-        second = page.get_by_label("Compare with")
-        second.fill("noise-coop")
-        second.dispatch_event("change")
+        # Classify: as the console opens on the demo (one domain's examples, a checkpoint for
+        # it, zero-shot beside it), plus the other checkpoint of that domain when there is one.
+        first = page.get_by_label("Checkpoint", exact=True)
+        expect(first).not_to_have_value("")
+        chosen = first.input_value()
+        domain = next(d for n, _, d in demo_checkpoints() if n == chosen)
+        other = [n for n, _, d in demo_checkpoints() if d == domain and n != chosen]
+        if other:
+            page.get_by_role("button", name="+ Compare with another checkpoint or version").click()
+            second = page.get_by_label("Compare with")
+            second.fill(other[0])
+            second.dispatch_event("change")
         page.get_by_role("button", name="Classify", exact=True).click()
-        expect(page.locator(".result")).to_have_count(6)
-        page.screenshot(path=str(out / "classify.png"), full_page=True)
+        expect(page.locator(".result").first).to_be_visible()
+        snap(page, out / "classify.png")
 
-        # Training: a new version of gray-maple through the form, watched to its end.
+        # Training: a new version of a demo checkpoint through the form, watched to its end.
+        name, method, domain = demo_checkpoints()[0]
         page.goto(f"{url}/ui/#/training")
-        page.get_by_label("Checkpoint name").fill("gray-maple")
-        page.get_by_label("Method", exact=True).select_option("maple")
+        page.get_by_label("Checkpoint name").fill(name)
+        page.get_by_label("Method", exact=True).select_option(method)
+        page.get_by_label("Domain").select_option(domain)
         page.get_by_label("Recipe overrides (JSON)").fill(json.dumps(RECIPE))
         page.get_by_label("Make the result live when it finishes").uncheck()
         page.get_by_role("button", name="Start training").click()
@@ -109,15 +132,15 @@ def shoot(url: str, out: Path, images: Path) -> None:
         page.wait_for_function(
             "document.querySelectorAll('svg.chart polyline')[0]?.points.length >= 4"
         )
-        page.screenshot(path=str(out / "training-running.png"), full_page=True)
+        snap(page, out / "training-running.png")
         expect(page.locator(".job-state")).to_have_text("finished")
-        page.screenshot(path=str(out / "training.png"), full_page=True)
+        snap(page, out / "training.png")
 
         # Checkpoints: the two versions, one opened to its manifest and evaluation.
-        page.goto(f"{url}/ui/#/checkpoints/gray-maple")
+        page.goto(f"{url}/ui/#/checkpoints/{name}")
         page.get_by_role("button", name="Details").nth(1).click()
         expect(page.locator(".version-detail .kv").first).to_be_visible()
-        page.screenshot(path=str(out / "checkpoints.png"), full_page=True)
+        snap(page, out / "checkpoints.png")
 
         # Upload: a bad file and the API's own error, verbatim.
         bad = Path(profile) / "eurosat.pth"
@@ -136,15 +159,15 @@ def shoot(url: str, out: Path, images: Path) -> None:
         expect(page.locator(".stat.requests .value")).not_to_have_text("0")
         sender.join()
         page.wait_for_timeout(2500)  # one more poll, so the rate is over the traffic
-        page.screenshot(path=str(out / "service.png"), full_page=True)
+        snap(page, out / "service.png")
 
         # A read key: the same screens without a single admin action.
         reader = ctx.new_page()
-        reader.goto(f"{url}/ui/#/checkpoints/gray-maple")
+        reader.goto(f"{url}/ui/#/checkpoints/{name}")
         reader.get_by_label("API key").fill(READ)
         reader.get_by_role("button", name="Use key").click()
         expect(reader.locator(".live-version")).to_be_visible()
-        reader.screenshot(path=str(out / "read-key.png"), full_page=True)
+        snap(reader, out / "read-key.png")
         reader.close()
 
         # A phone.
@@ -156,10 +179,11 @@ def shoot(url: str, out: Path, images: Path) -> None:
         phone.get_by_role("button", name="Classify", exact=True).click()
         expect(phone.locator(".result").first).to_be_visible()
         phone.locator(".result").first.scroll_into_view_if_needed()
+        expect(phone.locator(".toast")).to_have_count(0)
         phone.screenshot(path=str(out / "phone-classify.png"))
-        phone.goto(f"{url}/ui/#/checkpoints/gray-maple")
+        phone.goto(f"{url}/ui/#/checkpoints/{name}")
         expect(phone.locator(".live-version")).to_be_visible()
-        phone.screenshot(path=str(out / "phone-checkpoints.png"))
+        snap(phone, out / "phone-checkpoints.png", full_page=False)
         ctx.close()
 
 

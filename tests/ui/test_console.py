@@ -30,11 +30,14 @@ def test_classify_an_image_end_to_end(server, new_page, tmp_path):
     server.upload("pets")
     image = tmp_path / "green.png"
     image.write_bytes(png(COLOURS["green"], seed=3, size=40))
+    b64 = base64.b64encode(image.read_bytes()).decode()
     expected = server.api.post(
-        "/v1/classify",
-        json={"checkpoint": "pets", "images": [base64.b64encode(image.read_bytes()).decode()],
-              "top_k": 3},
-    ).json()["results"][0]  # fmt: skip
+        "/v1/classify", json={"checkpoint": "pets", "images": [b64], "top_k": 3}
+    ).json()["results"][0]
+    classnames = server.api.get("/v1/checkpoints/pets").json()["classnames"]
+    zero_shot = server.api.post(
+        "/v1/classify", json={"classnames": classnames, "images": [b64], "top_k": 3}
+    ).json()["results"][0]
 
     page = new_page(server.url, ADMIN)
     page.get_by_role("button", name="Clear all").click()  # the examples are preloaded
@@ -42,16 +45,19 @@ def test_classify_an_image_end_to_end(server, new_page, tmp_path):
     expect(page.locator(".thumb img[alt='green.png']")).to_be_visible()
     page.get_by_label("Checkpoint", exact=True).fill("pets")
     page.get_by_label("Checkpoint", exact=True).dispatch_event("change")
+    page.get_by_label(re.compile("^Zero-shot beside it")).check()
     page.get_by_role("button", name="Classify", exact=True).click()
 
     result = page.get_by_role("article", name="Results for green.png")
-    expect(result).to_be_visible()
-    labels = result.locator(".bar-label span:first-child").all_inner_texts()
-    scores = result.locator(".bar-score").all_inner_texts()
-    want = expected["predictions"][0]
-    assert labels == [p["label"] for p in want]
-    assert scores == [f"{100 * p['score']:.1f}%" for p in want]
-    expect(result.locator("h3")).to_contain_text(f"v{expected['version']}")
+    expect(result.locator(".answer")).to_have_count(2)
+    for column, want in zip(result.locator(".answer").all(), (expected, zero_shot), strict=True):
+        labels = column.locator(".bar-label span:first-child").all_inner_texts()
+        scores = column.locator(".bar-score").all_inner_texts()
+        assert labels == [p["label"] for p in want["predictions"][0]]
+        assert scores == [f"{100 * p['score']:.1f}%" for p in want["predictions"][0]]
+    heads = result.get_by_role("heading", level=3)
+    expect(heads.nth(0)).to_have_accessible_name(f"pets v{expected['version']} coop")
+    expect(heads.nth(1)).to_have_accessible_name("zero-shot no prompt · classes of pets")
 
 
 def test_examples_and_two_versions_side_by_side(server, new_page):
@@ -62,6 +68,9 @@ def test_examples_and_two_versions_side_by_side(server, new_page):
     page.get_by_label("Checkpoint", exact=True).fill("compare")
     page.get_by_label("Checkpoint", exact=True).dispatch_event("change")
     page.get_by_label("Version").select_option("1")
+    # labelled examples: the page opened with zero-shot beside the checkpoint; not wanted here
+    expect(page.get_by_label(re.compile("^Zero-shot beside it"))).to_be_checked()
+    page.get_by_label(re.compile("^Zero-shot beside it")).uncheck()
     page.get_by_role("button", name=re.compile("Compare with another")).click()
     page.get_by_role("combobox", name="Version").nth(1).select_option("2")
     page.get_by_role("button", name="Classify", exact=True).click()

@@ -257,7 +257,7 @@ export function render(root, ctx) {
     if (a.error) return clear(resultsBox, errorBox(a.error));
     const labelled = a.images.filter((img) => img.truth).length;
     const summary = h("div", { class: "summary" }, a.results.map((r) => {
-      const name = r.checkpoint ? `${r.checkpoint} v${r.version}` : r.baseline ? `zero-shot (${r.baseline}'s classes)` : "zero-shot";
+      const name = r.checkpoint ? `${r.checkpoint} v${r.version}` : "zero-shot";
       if (!labelled) return chip(`${name} · ${r.method}`);
       const right = a.images.filter((img, i) => img.truth && r.predictions[i][0]?.label === img.truth).length;
       return chip(`${name}: ${right} / ${labelled} right`, right * 2 > labelled ? "ok" : "bad");
@@ -272,7 +272,7 @@ export function render(root, ctx) {
           const top = r.predictions[i][0];
           const verdict = img.truth && top ? (top.label === img.truth ? h("span", { class: "verdict right" }, "✓ right") : h("span", { class: "verdict wrong" }, "✗ wrong")) : null;
           return h("section", { class: "answer" },
-            h("h3", {}, r.checkpoint || "zero-shot", r.version ? chip(`v${r.version}`) : null, h("span", { class: "muted small" }, r.baseline ? `no prompt, ${r.baseline}'s classes` : r.method), verdict),
+            h("h3", {}, r.checkpoint || "zero-shot", r.version ? chip(`v${r.version}`) : null, h("span", { class: "muted small" }, r.baseline ? `no prompt · classes of ${r.baseline}` : r.method), verdict),
             scoreBars(r.predictions[i], img.truth));
         })),
       ),
