@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-
 from tests.api.conftest import ADMIN, READ, b64, png
 
 
@@ -149,7 +148,9 @@ def test_examples_are_listed_and_only_they_are_served(make_client, tmp_path):
     (folder / "c.webp").write_bytes(b"RIFF")
     (folder / "notes.txt").write_text("not an image")
     # both shapes of entry: a plain label, or the demo's {"label", "domain", ...}
-    labels = {"b.png": "blue square", "a.jpg": 3, "c.webp": {"label": "red circle", "domain": "dusk"}}
+    labels = {
+        "b.png": "blue square", "a.jpg": 3, "c.webp": {"label": "red circle", "domain": "dusk"},
+    }  # fmt: skip
     (folder / "labels.json").write_text(json.dumps(labels))
     (tmp_path / "secret.png").write_bytes(png())
     client = make_client(examples_dir=str(folder))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from service.training.job_history import HISTORY_KEYS, MAX_POINTS, extend
 
 
@@ -27,6 +29,6 @@ def test_long_runs_stay_bounded_and_keep_the_first_and_latest_points():
     assert steps[0] == 1 and steps[-1] == 100_000 and steps == sorted(steps)
     assert len(history) == MAX_POINTS
     # spread evenly over the whole run: no stretch of it lost, none over-detailed
-    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
     even = 100_000 / (MAX_POINTS - 1)
     assert max(gaps) <= 2 * even and min(gaps[:-1]) >= even / 2

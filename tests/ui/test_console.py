@@ -51,13 +51,14 @@ def test_classify_an_image_end_to_end(server, new_page, tmp_path):
     result = page.get_by_role("article", name="Results for green.png")
     expect(result.locator(".answer")).to_have_count(2)
     for column, want in zip(result.locator(".answer").all(), (expected, zero_shot), strict=True):
-        labels = column.locator(".bar-label span:first-child").all_inner_texts()
+        labels = column.locator(".bar-label > span:first-child").all_inner_texts()
         scores = column.locator(".bar-score").all_inner_texts()
         assert labels == [p["label"] for p in want["predictions"][0]]
         assert scores == [f"{100 * p['score']:.1f}%" for p in want["predictions"][0]]
     heads = result.get_by_role("heading", level=3)
     expect(heads.nth(0)).to_have_accessible_name(f"pets v{expected['version']} coop")
-    expect(heads.nth(1)).to_have_accessible_name("zero-shot no prompt · classes of pets")
+    expect(heads.nth(1)).to_have_accessible_name("zero-shot no prompt")
+    expect(heads.nth(1).get_by_title("the class names of pets, no prompt")).to_be_visible()
 
 
 def test_examples_and_two_versions_side_by_side(server, new_page):

@@ -18,7 +18,8 @@ export function scoreBars(predictions, truth) {
         h(
           "div",
           {},
-          h("div", { class: "bar-label" }, h("span", { title: p.label }, p.label), match ? h("span", {}, "✓ true label") : null),
+          h("div", { class: "bar-label" }, h("span", { title: p.label }, p.label),
+            match ? h("span", { class: "true-mark", title: "the true label" }, h("span", { "aria-hidden": "true" }, "✓"), h("span", { class: "sr-only" }, "true label")) : null),
           h("div", { class: "bar-track", role: "presentation" }, fill),
         ),
         h("span", { class: "bar-score" }, `${(100 * p.score).toFixed(1)}%`),

@@ -249,6 +249,13 @@ export function render(root, ctx) {
     );
   }
 
+  // One column per checkpoint, aligned from image to image (CSSOM, which the CSP allows).
+  function answersGrid(n, children) {
+    const grid = h("div", { class: "answers" }, children);
+    grid.style.setProperty("--cols", String(n));
+    return grid;
+  }
+
   function drawAnswer() {
     const a = state.answer;
     if (!a) {
@@ -268,11 +275,11 @@ export function render(root, ctx) {
         { class: "result", "aria-label": `Results for ${img.name}` },
         h("figure", {}, h("img", { src: img.src, alt: img.name }),
           h("figcaption", {}, img.name, img.truth ? h("div", { class: "truth" }, `true label: ${img.truth}`) : null)),
-        h("div", { class: "answers" }, a.results.map((r) => {
+        answersGrid(a.results.length, a.results.map((r) => {
           const top = r.predictions[i][0];
           const verdict = img.truth && top ? (top.label === img.truth ? h("span", { class: "verdict right" }, "✓ right") : h("span", { class: "verdict wrong" }, "✗ wrong")) : null;
           return h("section", { class: "answer" },
-            h("h3", {}, r.checkpoint || "zero-shot", r.version ? chip(`v${r.version}`) : null, h("span", { class: "muted small" }, r.baseline ? `no prompt · classes of ${r.baseline}` : r.method), verdict),
+            h("h3", {}, r.checkpoint || "zero-shot", r.version ? chip(`v${r.version}`) : null, r.baseline ? h("span", { class: "muted small", title: `the class names of ${r.baseline}, no prompt` }, "no prompt") : h("span", { class: "muted small" }, r.method), verdict),
             scoreBars(r.predictions[i], img.truth));
         })),
       ),
