@@ -32,8 +32,8 @@ from tests.ui.conftest import CHROMIUM, CHROMIUM_ARGS
 ADMIN, READ = "console-admin", "console-read"
 LAPTOP = {"width": 1360, "height": 900}
 PHONE = {"width": 390, "height": 844}
-# A short run of the demo's recipe, so the curves have a dozen points and the job takes ~1 min.
-RECIPE = {"epochs": 12, "optimizer": "adamw", "lr": 0.03, "warmup_epochs": 0, "batch_size": 32}
+# A short run of the demo's recipe (8 shots a class): curves of ~64 points in a minute or two.
+RECIPE = {"epochs": 8, "optimizer": "adamw", "lr": 0.03, "warmup_epochs": 0, "batch_size": 32}
 
 
 def serve(root: Path) -> tuple[str, threading.Thread]:
@@ -124,6 +124,7 @@ def shoot(url: str, out: Path, images: Path) -> None:
         page.get_by_label("Checkpoint name").fill(name)
         page.get_by_label("Method", exact=True).select_option(method)
         page.get_by_label("Domain").select_option(domain)
+        page.get_by_label("Shots per class").fill("8")
         page.get_by_label("Recipe overrides (JSON)").fill(json.dumps(RECIPE))
         page.get_by_label("Make the result live when it finishes").uncheck()
         page.get_by_role("button", name="Start training").click()
@@ -133,7 +134,7 @@ def shoot(url: str, out: Path, images: Path) -> None:
             "points", re.compile(r"^\S+(\s+\S+){3,}$")
         )
         snap(page, out / "training-running.png")
-        expect(page.locator(".job-state")).to_have_text("finished")
+        expect(page.locator(".job-state")).to_have_text("finished", timeout=900_000)
         snap(page, out / "training.png")
 
         # Checkpoints: the two versions, one opened to its manifest and evaluation.
@@ -183,7 +184,10 @@ def shoot(url: str, out: Path, images: Path) -> None:
         phone.screenshot(path=str(out / "phone-classify.png"))
         phone.goto(f"{url}/ui/#/checkpoints/{name}")
         expect(phone.locator(".live-version")).to_be_visible()
-        snap(phone, out / "phone-checkpoints.png", full_page=False)
+        expect(phone.locator(".toast")).to_have_count(0)
+        phone.get_by_role("heading", name="All checkpoints").scroll_into_view_if_needed()
+        phone.mouse.wheel(0, 300)  # the list's end and the opened checkpoint below it
+        phone.screenshot(path=str(out / "phone-checkpoints.png"))
         ctx.close()
 
 

@@ -82,6 +82,25 @@ def test_examples_and_two_versions_side_by_side(server, new_page):
     expect(result.locator(".truth")).to_have_text("true label: cat")  # from labels.json
 
 
+def test_compare_an_old_version_with_the_live_one_from_its_checkpoint(server, new_page):
+    server.upload("versus", seed=1)
+    server.upload("versus", seed=2)  # v2 live
+    page = new_page(server.url, READ)  # comparing is reading: a read key may
+    page.goto(f"{server.url}/ui/#/checkpoints/versus")
+    page.get_by_role("button", name="Compare v1 with the live v2").click()
+    expect(page).to_have_url(re.compile("#/classify$"))
+    expect(page.get_by_label("Checkpoint", exact=True)).to_have_value("versus")
+    expect(page.get_by_label("Compare with")).to_have_value("versus")
+    expect(page.get_by_label("Version").nth(0)).to_have_value("2")
+    expect(page.get_by_label("Version").nth(1)).to_have_value("1")
+    expect(page.get_by_label(re.compile("^Zero-shot beside it"))).not_to_be_checked()
+    page.get_by_role("button", name="Classify", exact=True).click()
+    heads = page.get_by_role("article", name="Results for red.png").locator(".answer h3")
+    expect(heads).to_have_count(2)
+    expect(heads.nth(0)).to_contain_text("v2")
+    expect(heads.nth(1)).to_contain_text("v1")
+
+
 def test_adhoc_classnames(server, new_page):
     page = new_page(server.url, READ)
     page.get_by_text("Ad-hoc classes").click()
@@ -203,3 +222,27 @@ def test_with_auth_off_the_page_says_so(open_server, new_page):
     expect(page.locator(".notice")).to_contain_text("Auth is off")
     page.goto(f"{open_server.url}/ui/#/checkpoints")  # everyone is an admin: the actions show
     expect(page.get_by_role("button", name="Upload")).to_be_visible()
+
+
+def test_the_keyboard_alone_signs_in_navigates_and_cancels(server, new_page):
+    server.upload("keyboard")
+    page = new_page(server.url)
+    expect(page.get_by_label("API key")).to_be_focused()  # the page asks for the key first
+    page.keyboard.type(ADMIN)
+    page.keyboard.press("Enter")
+    expect(page.locator("#auth-badge")).to_have_text("Admin key")
+    page.get_by_role("button", name="Admin key").focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_label("API key")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.locator("#auth-panel")).to_be_hidden()
+    expect(page.get_by_role("button", name="Admin key")).to_be_focused()
+
+    page.goto(f"{server.url}/ui/#/checkpoints/keyboard")
+    page.get_by_role("button", name="Delete…").focus()
+    page.keyboard.press("Enter")
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_role("button", name="Cancel")).to_be_focused()  # the safe choice
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+    assert server.api.get("/v1/checkpoints/keyboard").status_code == 200

@@ -92,7 +92,7 @@ export function lineChart(points, opts = {}) {
 /** A distribution as horizontal bars: rows of {label, count}. */
 export function distribution(rows, { caption } = {}) {
   const peak = Math.max(1, ...rows.map((r) => r.count));
-  return h(
+  const table = h(
     "div",
     { class: "dist", role: "table", "aria-label": caption || "distribution" },
     rows.map((r) => {
@@ -107,6 +107,10 @@ export function distribution(rows, { caption } = {}) {
       );
     }),
   );
+  // the label column as wide as the longest label (error codes run long), within reason
+  const longest = Math.max(4, ...rows.map((r) => String(r.label).length));
+  table.style.setProperty("--label", `${Math.min(longest, 26) + 1}ch`);
+  return table;
 }
 
 /** A filled meter for used / budget. */

@@ -3,7 +3,8 @@
 // upload, delete. Admin actions are not drawn at all for a read key.
 
 import { api } from "./api.js";
-import { bytes, chip, clear, debounce, errorBox, field, h, num, pct, when } from "./dom.js";
+import { compare } from "./classify.js";
+import { bytes, chip, clear, debounce, errorBox, field, h, metric, num, pct, when } from "./dom.js";
 
 const PAGE = 25;
 const list = { q: "", offset: 0 };
@@ -19,7 +20,7 @@ function metricsText(metrics) {
 export function render(root, ctx, selected) {
   const listBox = h("div");
   const detailBox = h("div");
-  const uploadBox = h("div");
+  const uploadBox = h("div", { class: "upload-slot" });
 
   const search = h("input", { type: "search", value: list.q, placeholder: "name contains…", autocomplete: "off", spellcheck: "false" });
   search.addEventListener("input", debounce(() => {
@@ -121,7 +122,7 @@ export function render(root, ctx, selected) {
           h("div", { class: "stack" },
             h("h3", {}, "Evaluation"),
             Object.keys(m.metrics || {}).length
-              ? h("dl", { class: "kv" }, Object.entries(m.metrics).flatMap(([k, val]) => [h("dt", {}, k), h("dd", {}, typeof val === "number" && k.endsWith("accuracy") ? pct(val) : String(val))]))
+              ? h("dl", { class: "kv" }, Object.entries(m.metrics).flatMap(([k, val]) => [h("dt", {}, k), h("dd", {}, metric(k, val))]))
               : h("p", { class: "muted" }, "No evaluation recorded."),
             h("details", {}, h("summary", {}, "Full manifest and tensors"), h("pre", { class: "json" }, JSON.stringify({ ...m, tensors: d.tensors }, null, 1))),
           ),
@@ -193,6 +194,11 @@ export function render(root, ctx, selected) {
         const label = live && v.version < live ? "Roll back" : "Activate";
         action = h("button", { type: "button", class: label === "Activate" ? "small primary" : "small", "aria-label": `${label} to v${v.version}`, onClick: () => activate(v.version) }, label);
       }
+      // Side by side with the live version, on the same images, in Classify (a read action).
+      const versus = live && !v.active ? h("button", { type: "button", class: "small", "aria-label": `Compare v${v.version} with the live v${live}`, onClick: () => {
+        compare([{ name: selected, version: live }, { name: selected, version: v.version }]);
+        ctx.go("#/classify");
+      } }, "Compare") : null;
       return [
         h("tr", { dataset: { version: String(v.version) } },
           h("td", {}, h("strong", {}, `v${v.version}`), " ", v.active ? chip("live", "live") : null),
@@ -200,7 +206,7 @@ export function render(root, ctx, selected) {
           h("td", {}, metricsText(v.meta.metrics)),
           h("td", { class: "small" }, when(v.created_at)),
           h("td", { class: "num small" }, bytes(v.size)),
-          h("td", {}, h("div", { class: "actions" }, toggle, action))),
+          h("td", {}, h("div", { class: "actions" }, toggle, versus, action))),
         detailRow,
       ];
     });
@@ -230,7 +236,7 @@ export function render(root, ctx, selected) {
     h(
       "div",
       { class: "grid side" },
-      h("div", { class: "grid" },
+      h("div", { class: "grid left" },
         h("section", { class: "card stack", "aria-labelledby": "list-h" }, h("h2", { id: "list-h" }, "All checkpoints"), field("Search", search), listBox),
         uploadBox),
       detailBox,

@@ -24,6 +24,15 @@ const state = {
 };
 let examples = null;
 
+/** Open Classify on these checkpoint references side by side (e.g. two versions of one), keeping
+ *  the images already chosen. targets: [{name, version}] with version "" for the live one. */
+export function compare(targets) {
+  state.mode = "checkpoints";
+  state.targets = targets.slice(0, MAX_TARGETS).map((t) => ({ name: t.name, version: String(t.version || "") }));
+  state.baseline = false;
+  state.answer = null;
+}
+
 // The examples need the key like any data, so each is fetched once with it and shown from a
 // blob: URL (which the page's CSP allows).
 async function loadExamples() {

@@ -109,6 +109,17 @@ export function ms(seconds) {
   return `${+seconds.toFixed(2)} s`;
 }
 
+/** A metric as people read it: accuracies as percentages, seconds as durations, other numbers
+ *  to four significant digits (a loss of 2.69339719414711 is 2.693). */
+export function metric(key, value) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value === "object") return JSON.stringify(value);
+  if (typeof value !== "number") return String(value);
+  if (/acc(uracy)?$|^hm$/.test(key)) return pct(value);
+  if (/seconds$|_s$/.test(key)) return ms(value);
+  return Number.isInteger(value) ? num(value) : String(+value.toPrecision(4));
+}
+
 export function when(value) {
   if (value === null || value === undefined) return "–";
   const d = typeof value === "number" ? new Date(value * 1000) : new Date(value);

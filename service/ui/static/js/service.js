@@ -2,11 +2,12 @@
 // traffic figures are parsed from GET /metrics, the same text Prometheus scrapes.
 
 import { api, getAllowing503 } from "./api.js";
-import { distribution, meter } from "./charts.js";
+import { distribution, lineChart, meter } from "./charts.js";
 import { bytes, chip, clear, errorBox, h, ms, num } from "./dom.js";
 import { difference, histogram, parse, perBucket, quantile, total } from "./prom.js";
 
 const EVERY_MS = 2000;
+const RATE_POINTS = 60; // two minutes of the request rate, one point a poll
 const SHOWN = new Set(["status", "store", "resident", "device_bytes", "host_bytes"]);
 
 function readiness(status, body) {
@@ -50,18 +51,19 @@ function stat(label, value, cls) {
   return h("div", { class: `stat ${cls || ""}` }, h("span", { class: "value" }, value), h("span", { class: "label" }, label));
 }
 
-function traffic(samples, previous, seconds) {
+function traffic(samples, previous, seconds, rates) {
   const lat = histogram(samples, "promptserve_request_seconds");
   const batch = histogram(samples, "promptserve_batch_images");
   const window = previous ? difference(lat, previous.lat) : null;
   const rate = window && seconds > 0 ? window.count / seconds : null;
   const errors = (samples.get("promptserve_errors_total") || []).filter((x) => x.value > 0);
-  const byCheckpoint = new Map();
-  for (const x of samples.get("promptserve_request_seconds_count") || []) {
-    const key = `${x.labels.route}\u0000${x.labels.checkpoint}`;
-    byCheckpoint.set(key, { ...x.labels, count: x.value, sum: total(samples, "promptserve_request_seconds_sum", x.labels) });
-  }
-  const rows = [...byCheckpoint.values()].filter((r) => r.count > 0).sort((a, b) => b.count - a.count).slice(0, 12);
+  // Per route only: the service keeps no per-checkpoint label (its cardinality would be unbounded).
+  const routes = (samples.get("promptserve_request_seconds_count") || [])
+    .map((x) => ({ route: x.labels.route, count: x.value, sum: total(samples, "promptserve_request_seconds_sum", x.labels) }))
+    .filter((r) => r.count > 0)
+    .sort((a, b) => b.count - a.count);
+  if (rate !== null) rates.push({ x: rates.length ? rates[rates.length - 1].x + seconds : 0, y: rate });
+  if (rates.length > RATE_POINTS) rates.splice(0, rates.length - RATE_POINTS);
   return {
     lat,
     view: h(
@@ -79,9 +81,11 @@ function traffic(samples, previous, seconds) {
       h("div", { class: "grid cols-2" },
         h("div", {}, h("h3", {}, "Latency (since start)"), distribution(perBucket(lat, (le) => `≤ ${ms(le)}`), { caption: "request latency" })),
         h("div", {}, h("h3", {}, "Images per encoder batch"), distribution(perBucket(batch, (le) => `≤ ${le}`), { caption: "batch size" }))),
-      rows.length ? h("div", {}, h("h3", {}, "By checkpoint"), h("div", { class: "table-wrap" }, h("table", {},
-        h("thead", {}, h("tr", {}, h("th", {}, "Route"), h("th", {}, "Checkpoint"), h("th", { class: "num" }, "Requests"), h("th", { class: "num" }, "Mean latency"))),
-        h("tbody", {}, rows.map((r) => h("tr", {}, h("td", {}, r.route), h("td", {}, r.checkpoint), h("td", { class: "num" }, num(r.count)), h("td", { class: "num" }, ms(r.sum / r.count)))))))) : null,
+      h("div", { class: "grid cols-2" },
+        h("div", {}, lineChart(rates.map((p) => ({ x: Math.round(p.x), y: p.y })), { title: "Requests / s while this page is open", xLabel: "seconds", yMin: 0, format: (v) => (v < 10 ? v.toFixed(1) : v.toFixed(0)) })),
+        routes.length ? h("div", {}, h("h3", {}, "By route"), h("div", { class: "table-wrap" }, h("table", {},
+          h("thead", {}, h("tr", {}, h("th", {}, "Route"), h("th", { class: "num" }, "Requests"), h("th", { class: "num" }, "Mean latency"))),
+          h("tbody", {}, routes.map((r) => h("tr", {}, h("td", {}, r.route), h("td", { class: "num" }, num(r.count)), h("td", { class: "num" }, ms(r.sum / r.count)))))))) : h("div")),
       errors.length ? h("div", {}, h("h3", {}, "Errors by code"), distribution(errors.map((x) => ({ label: x.labels.code, count: x.value })), { caption: "errors" })) : null,
     ),
   };
@@ -92,6 +96,7 @@ export function render(root, ctx) {
   const mem = h("div", {}, h("p", { class: "muted" }, "Asking /v1/residency…"));
   const load = h("div", {}, h("p", { class: "muted" }, "Reading /metrics…"));
   let previous = null;
+  const rates = []; // {x: seconds since the first poll, y: requests / s}
   let timer = null;
   let stopped = false;
 
@@ -103,7 +108,7 @@ export function render(root, ctx) {
     clear(mem, m.status === "fulfilled" ? memory(m.value) : errorBox(m.reason));
     if (t.status === "fulfilled") {
       const now = performance.now();
-      const out = traffic(parse(t.value), previous, previous ? (now - previous.at) / 1000 : 0);
+      const out = traffic(parse(t.value), previous, previous ? (now - previous.at) / 1000 : 0, rates);
       previous = { at: now, lat: out.lat };
       clear(load, out.view);
     } else {

@@ -4,7 +4,7 @@
 
 import { api } from "./api.js";
 import { lineChart } from "./charts.js";
-import { chip, clear, errorBox, field, h, pct, when } from "./dom.js";
+import { chip, clear, errorBox, field, h, metric, pct, when } from "./dom.js";
 
 // The dataset kinds this form can describe (an upload carries its images in the job itself).
 const KINDS = { proving_ground: "Proving ground", image_folder: "Image folder", coop_split: "CoOp split" };
@@ -177,7 +177,7 @@ function jobView(ctx, jobId) {
       job.error ? errorBox(job.error) : null,
       job.result ? h("div", { class: "success stack" },
         h("p", {}, `Published ${job.result.name} v${job.result.version}. `, h("a", { href: `#/checkpoints/${encodeURIComponent(job.result.name)}`, class: "open-checkpoint" }, `Open ${job.result.name} v${job.result.version}`)),
-        h("dl", { class: "kv" }, Object.entries(job.result.metrics || {}).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, typeof v === "number" && k.endsWith("accuracy") ? pct(v) : String(v))]))) : null,
+        h("dl", { class: "kv" }, Object.entries(job.result.metrics || {}).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, metric(k, v))]))) : null,
     );
   }
 
