@@ -154,12 +154,14 @@ def shoot(url: str, out: Path, images: Path) -> None:
         )
 
         # Service: traffic from a client in the background while the page polls /metrics.
-        sender = threading.Thread(target=traffic, args=(url, images, 12))
-        sender.start()
         page.goto(f"{url}/ui/#/service")
-        expect(page.locator(".stat.requests .value")).not_to_have_text("0")
+        sender = threading.Thread(target=traffic, args=(url, images, 40))
+        sender.start()
+        # the rate chart gains a point a poll (2 s): wait for a few, drawn while traffic flows
+        expect(page.locator("svg.chart polyline").first).to_have_attribute(
+            "points", re.compile(r"^\S+(\s+\S+){5,}$")
+        )
         sender.join()
-        page.wait_for_timeout(2500)  # one more poll, so the rate is over the traffic
         snap(page, out / "service.png")
 
         # A read key: the same screens without a single admin action.
@@ -185,8 +187,11 @@ def shoot(url: str, out: Path, images: Path) -> None:
         phone.goto(f"{url}/ui/#/checkpoints/{name}")
         expect(phone.locator(".live-version")).to_be_visible()
         expect(phone.locator(".toast")).to_have_count(0)
-        phone.get_by_role("heading", name="All checkpoints").scroll_into_view_if_needed()
-        phone.mouse.wheel(0, 300)  # the list's end and the opened checkpoint below it
+        # the end of the list and the opened checkpoint under it
+        phone.evaluate(
+            "window.scrollTo(0, document.querySelector('.live-version').getBoundingClientRect()"
+            ".top + window.scrollY - 320)"
+        )
         phone.screenshot(path=str(out / "phone-checkpoints.png"))
         ctx.close()
 

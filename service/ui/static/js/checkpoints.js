@@ -64,7 +64,7 @@ export function render(root, ctx, selected) {
   }
 
   function drawUpload() {
-    if (!ctx.isAdmin) return clear(uploadBox);
+    if (!ctx.isAdmin) return clear(uploadBox, h("p", { class: "notice small" }, "You are using a read key: uploading, activating, rolling back and deleting need an admin key."));
     const file = h("input", { type: "file", accept: ".safetensors", required: true });
     const activate = h("input", { type: "checkbox", checked: true });
     const out = h("div", { "aria-live": "polite" });
@@ -182,7 +182,7 @@ export function render(root, ctx, selected) {
     }
 
     const rows = cp.versions.slice().reverse().flatMap((v) => {
-      const detailRow = h("tr", { class: "version-detail", hidden: true }, h("td", { colspan: 6 }));
+      const detailRow = h("tr", { class: "version-detail", hidden: true }, h("td", { colspan: 5 }));
       const toggle = h("button", { type: "button", class: "small", "aria-expanded": "false", onClick: () => {
         const open = detailRow.hidden;
         detailRow.hidden = !open;
@@ -201,11 +201,12 @@ export function render(root, ctx, selected) {
       } }, "Compare") : null;
       return [
         h("tr", { dataset: { version: String(v.version) } },
-          h("td", {}, h("strong", {}, `v${v.version}`), " ", v.active ? chip("live", "live") : null),
-          h("td", {}, v.meta.method || "–"),
+          // the method is the checkpoint's (in the header) unless this version was trained otherwise
+          h("td", {}, h("strong", {}, `v${v.version}`), " ", v.active ? chip("live", "live") : null,
+            v.meta.method && v.meta.method !== cp.method ? h("span", { class: "muted small" }, ` ${v.meta.method}`) : null),
           h("td", {}, metricsText(v.meta.metrics)),
-          h("td", { class: "small" }, when(v.created_at)),
-          h("td", { class: "num small" }, bytes(v.size)),
+          h("td", { class: "small wide-only" }, when(v.created_at)),
+          h("td", { class: "num small wide-only" }, bytes(v.size)),
           h("td", {}, h("div", { class: "actions" }, toggle, versus, action))),
         detailRow,
       ];
@@ -224,7 +225,7 @@ export function render(root, ctx, selected) {
         h("p", { class: "muted small" }, `${cp.method || "unknown method"} · ${num(cp.classes)} classes · ${cp.versions.length} version${cp.versions.length > 1 ? "s" : ""}`),
         status,
         h("div", { class: "table-wrap" }, h("table", {},
-          h("thead", {}, h("tr", {}, h("th", {}, "Version"), h("th", {}, "Method"), h("th", {}, "Evaluation"), h("th", {}, "Created"), h("th", { class: "num" }, "Size"), h("th", {}, ""))),
+          h("thead", {}, h("tr", {}, h("th", {}, "Version"), h("th", {}, "Evaluation"), h("th", { class: "wide-only" }, "Created"), h("th", { class: "num wide-only" }, "Size"), h("th", {}, ""))),
           h("tbody", {}, rows))),
         ctx.isAdmin ? h("p", { class: "hint" }, "Activating sends the version you see as live as the compare-and-set expectation: if someone changed it meanwhile, the service refuses (409) and nothing moves.") : null,
       ),
