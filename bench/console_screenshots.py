@@ -68,13 +68,18 @@ def demo_checkpoints() -> list[tuple[str, str, str]]:
     return [(c[0], c[1], c[2]) for c in DEMO_CHECKPOINTS]
 
 
-def traffic(url: str, images: Path, rounds: int) -> None:
-    """Classify requests, as clients would send them, so the Service screen has figures."""
+def traffic(url: str, images: Path, seconds: float) -> None:
+    """Classify requests, as clients would send them, for `seconds`, at a rate that varies (so the
+    Service screen's rate chart has a shape): bursts of growing batches, then a pause."""
     pics = [base64.b64encode(p.read_bytes()).decode() for p in sorted(images.glob("*.png"))]
+    end = time.monotonic() + seconds
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {READ}"}) as client:
-        for i in range(rounds):
+        i = 0
+        while time.monotonic() < end:
             for ckpt, _, _ in demo_checkpoints():
                 client.post("/v1/classify", json={"checkpoint": ckpt, "images": pics[: 1 + i % 6]})
+            i += 1
+            time.sleep(0.02 * (i % 10))
 
 
 def snap(page: Any, path: Path, full_page: bool = True) -> None:
@@ -155,13 +160,13 @@ def shoot(url: str, out: Path, images: Path) -> None:
 
         # Service: traffic from a client in the background while the page polls /metrics.
         page.goto(f"{url}/ui/#/service")
-        sender = threading.Thread(target=traffic, args=(url, images, 40))
+        sender = threading.Thread(target=traffic, args=(url, images, 20.0))
         sender.start()
-        # the rate chart gains a point a poll (2 s): wait for a few, drawn while traffic flows
-        expect(page.locator("svg.chart polyline").first).to_have_attribute(
-            "points", re.compile(r"^\S+(\s+\S+){5,}$")
-        )
         sender.join()
+        # the rate chart gains a point a poll (2 s): the traffic's ten or so, then one at rest
+        expect(page.locator("svg.chart polyline").first).to_have_attribute(
+            "points", re.compile(r"^\S+(\s+\S+){9,}$")
+        )
         snap(page, out / "service.png")
 
         # A read key: the same screens without a single admin action.
