@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint format typecheck clean system-deps run demo
+.PHONY: test check lint imports format typecheck clean system-deps run demo
 
 # Tests start their own redis-server on loopback, and drive the web console in Debian's chromium
 # (Playwright from PyPI with executable_path: its own browser download is not used). Install the
@@ -27,9 +27,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP) system-deps
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(STAMP) imports
 	$(VENV)/bin/ruff check service prompts_store tests bench
 	$(VENV)/bin/ruff format --check service prompts_store tests bench
+
+# The layer contracts in pyproject.toml ([tool.importlinter]): imports only point down.
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format service prompts_store tests bench

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prompts_store import open_store
 from service.app import create_app
 from service.backbones.clip import load_clip
-from service.engine.publish import publish
+from service.checkpoints.publish import publish
 from tests.conftest import TINY_CONFIG
 from tests.engine.test_residency import checkpoint
 from tests.reliability.fuzz import Tally, fuzz_operation, fuzz_settings, plan, shutdown

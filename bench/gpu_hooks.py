@@ -247,9 +247,9 @@ def issue21(ctx: Any) -> str:
 async def _decode_rows(ctx: Any) -> list[dict]:
     from PIL import Image
 
-    from service.generative.engine import GenerationEngine, Sampling
-    from service.generative.m2pt import PLAIN_GEN_PLAN
-    from service.generative.service import user_message
+    from service.engine.answering import user_message
+    from service.engine.generation import GenerationEngine, Sampling
+    from service.prompts.m2pt import PLAIN_ANSWER_PLAN as PLAIN_GEN_PLAN
     from tests.llava.conftest import make_backbone
 
     bb = make_backbone(0) if ctx.dry else llava_7b_shaped(ctx)

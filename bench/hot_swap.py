@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import backbone, checkpoint_bytes, percentile
 from prompts_store import open_store
+from service.checkpoints.publish import publish
 from service.engine.forward import classify
-from service.engine.publish import publish
 from service.engine.residency import Residency
+from service.prompts.plans import Plan
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
         for seed in range(args.swaps + 1)
     ]
     publish(store, bb, blobs[0])
-    residency = Residency(store, bb)
+    residency = Residency(store, bb, Plan)
     residency.start()
     size = bb.visual.image_size
     images = torch.randn(args.batch, 3, *(size if isinstance(size, tuple) else (size, size)))

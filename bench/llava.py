@@ -16,9 +16,9 @@ import time
 import torch
 from PIL import Image
 
-from service.generative.engine import GenerationEngine, Sampling
-from service.generative.m2pt import M2PT, PLAIN_GEN_PLAN, GenPlan
-from service.generative.service import user_message
+from service.engine.answering import user_message
+from service.engine.generation import GenerationEngine, Sampling
+from service.prompts.m2pt import M2PT, PLAIN_ANSWER_PLAN, AnswerPlan
 from tests.llava.conftest import make_backbone
 
 
@@ -35,12 +35,12 @@ async def main(tokens: int, repeats: int) -> None:
     bb = make_backbone(0)
     m = M2PT()
     cfg = m.config({})
-    prompted: GenPlan = m.materialize(m.init(bb, cfg, seed=1), bb, cfg)
+    prompted: AnswerPlan = m.materialize(m.init(bb, cfg, seed=1), bb, cfg)
     pixels = bb.pixel_values([Image.new("RGB", (40, 40), (200, 30, 30))]).cpu()
     engine = GenerationEngine(bb, max_batch_size=8, max_wait_ms=20)
     await engine.start()
     rows = []
-    for label, plan in (("plain", PLAIN_GEN_PLAN), ("m2pt 10+10", prompted)):
+    for label, plan in (("plain", PLAIN_ANSWER_PLAN), ("m2pt 10+10", prompted)):
         for n in (1, 8):
             ids = bb.encode_chat(user_message("what is in the image?", True), 1, plan.n_visual)
             reqs = [(ids, pixels, plan)] * n

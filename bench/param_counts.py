@@ -12,7 +12,8 @@ import argparse
 import math
 
 from service.backbones.clip import load_clip
-from service.prompts import METHODS
+from service.prompts import get_method
+from service.prompts.registry import on_backbone
 
 CLASSES = 10  # class-specific parameters (CoOp CSC) scale with the classes; defaults have none
 
@@ -26,7 +27,8 @@ def main() -> None:
     classnames = [f"class {i}" for i in range(CLASSES)]
     print(f"| method | tensors (shape) | parameters on {backbone.model_name} |")
     print("|---|---|---:|")
-    for name, method in METHODS.items():
+    for name in on_backbone(backbone.kind):  # the methods of CLIP backbones, in name order
+        method = get_method(name)
         cfg = method.config()
         shapes = method.shapes(backbone, cfg, classnames)
         total = sum(math.prod(s) for s in shapes.values())

@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prompts_store import open_store
 from service.prompts import get_method
+from service.prompts.registry import trainable
 from service.training import proving_ground as pg
 from service.training.datasets import load_data
 from service.training.evaluate import harmonic_mean
-from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE, RECIPES
+from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE
 from service.training.runs import DatasetSpec, TrainSpec, run
 
 FAST, CONFIG = PROVING_RECIPE, PROVING_CONFIG
@@ -34,7 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--domains", default="gray,noise")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(sorted(RECIPES)))
+    p.add_argument("--methods", default=",".join(trainable("classify")))
     args = p.parse_args()
     bb = pg.build_backbone()
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import backbone, checkpoint_bytes, percentile
 from prompts_store import open_store
-from service.engine.publish import publish
+from service.checkpoints.publish import publish
 from service.engine.residency import Residency
+from service.prompts.plans import Plan
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
             for i in range(args.count):
                 blob = checkpoint_bytes(bb, f"{method}-{i}", method, args.classes, seed=i)
                 publish(store, bb, blob)
-            residency = Residency(store, bb, device_budget=budget, host_budget=0)
+            residency = Residency(store, bb, Plan, device_budget=budget, host_budget=0)
             times = []
             for i in range(args.count):
                 start = time.perf_counter()

@@ -14,16 +14,19 @@ prints machine-readable output for scripts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import CliPositionalArg, CliSubCommand, CliToggleFlag
+
 import prompts_store as ps
 from service import errors
-from service.engine.store_errors import store_errors
+from service.checkpoints.store_errors import store_errors
+from service.settings import Settings
 
 NAME_COLUMNS = ["name", "current", "versions", "method", "created_at"]
 VERSION_COLUMNS = ["version", "current", "method", "size", "sha256", "created_at"]
@@ -139,66 +142,113 @@ def export(store: ps.PromptStore, ref: str, out: Path, force: bool = False) -> d
     }
 
 
-def cmd_checkpoints(args: argparse.Namespace, store_url: str) -> int:
-    """Run one `promptserve checkpoints` action against the store at `store_url`."""
-    store = ps.open_store(store_url)
-    try:
-        with store_errors():
-            if args.action == "list":
-                _print(list_names(store), args.json, NAME_COLUMNS)
-            elif args.action == "versions":
-                _print(list_versions(store, args.name), args.json, VERSION_COLUMNS)
-            elif args.action in ("activate", "rollback"):
-                if args.action == "activate":
-                    out = activate(store, args.name, args.version, args.expected)
-                else:
-                    out = rollback(store, args.name, args.to)
-                if args.json:
-                    print(json.dumps(out))
-                else:
-                    print(f"{out['name']}: v{out['previous']} -> v{out['version']} (active)")
-            elif args.action == "export":
-                done = export(store, args.ref, Path(args.out), args.force)
-                print(json.dumps(done) if args.json else f"{args.ref} -> {done['out']} "
-                      f"(v{done['version']}, {done['bytes']} bytes)")  # fmt: skip
-            elif args.action == "delete":
-                if not args.yes:
-                    print(f"refusing to delete {args.name!r} without --yes", file=sys.stderr)
-                    return 2
-                store.delete(args.name)
-                print(f"deleted {args.name} (every version)")
-    finally:
-        store.close()
-    return 0
+class Action(BaseModel):
+    """One operator action on the store (`--store`, default PROMPTSERVE_STORE; `--json`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    store: str | None = Field(None, description="file://DIR or redis://HOST:PORT/DB")
+    as_json: CliToggleFlag[bool] = Field(False, alias="json", description="machine-readable output")
+
+    def settings(self) -> Settings:
+        """Settings from the environment, the store from `--store` when given."""
+        return Settings() if self.store is None else Settings(store=self.store)
+
+    def run(self) -> int:
+        """Run the action against the store; the exit status."""
+        store = ps.open_store(self.settings().store)
+        try:
+            with store_errors():
+                return self.act(store)
+        finally:
+            store.close()
+
+    def act(self, store: ps.PromptStore) -> int:
+        raise NotImplementedError
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register `checkpoints` on the CLI's subparsers; the caller sets its func."""
-    common = argparse.ArgumentParser(add_help=False)  # accepted after the action
-    common.add_argument(
-        "--store", help="file://DIR or redis://HOST:PORT/DB (default PROMPTSERVE_STORE)"
-    )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    c = sub.add_parser("checkpoints", help="list, activate, roll back, delete stored checkpoints")
-    acts = c.add_subparsers(dest="action", required=True)
-    acts.add_parser("list", parents=[common], help="names, current version, method")
-    v = acts.add_parser("versions", parents=[common], help="every version of NAME")
-    v.add_argument("name")
-    a = acts.add_parser("activate", parents=[common], help="make VERSION current")
-    a.add_argument("name")
-    a.add_argument("version", type=int)
-    a.add_argument("--expected", type=int, help="only if the current version is this (0: none)")
-    r = acts.add_parser("rollback", parents=[common], help="back to the version before current")
-    r.add_argument("name")
-    r.add_argument("--to", type=int, help="this version instead")
-    add_export_arguments(acts.add_parser("export", parents=[common], help="write one to a file"))
-    d = acts.add_parser("delete", parents=[common], help="remove NAME and every version")
-    d.add_argument("name")
-    d.add_argument("--yes", action="store_true", help="really delete")
-    return c
+class List(Action):
+    """names, current version, method"""
+
+    def act(self, store: ps.PromptStore) -> int:
+        _print(list_names(store), self.as_json, NAME_COLUMNS)
+        return 0
 
 
-def add_export_arguments(e: argparse.ArgumentParser) -> None:
-    e.add_argument("ref", help="NAME (the current version) or NAME@VERSION")
-    e.add_argument("--out", required=True, help="the .safetensors file to write")
-    e.add_argument("--force", action="store_true", help="overwrite an existing file")
+class Versions(Action):
+    """every version of NAME"""
+
+    name: CliPositionalArg[str]
+
+    def act(self, store: ps.PromptStore) -> int:
+        _print(list_versions(store, self.name), self.as_json, VERSION_COLUMNS)
+        return 0
+
+
+class _Moved(Action):
+    def report(self, out: dict[str, Any]) -> int:
+        if self.as_json:
+            print(json.dumps(out))
+        else:
+            print(f"{out['name']}: v{out['previous']} -> v{out['version']} (active)")
+        return 0
+
+
+class Activate(_Moved):
+    """make VERSION current"""
+
+    name: CliPositionalArg[str]
+    version: CliPositionalArg[int]
+    expected: int | None = Field(None, description="only if the current version is this (0: none)")
+
+    def act(self, store: ps.PromptStore) -> int:
+        return self.report(activate(store, self.name, self.version, self.expected))
+
+
+class Rollback(_Moved):
+    """back to the version before the current one"""
+
+    name: CliPositionalArg[str]
+    to: int | None = Field(None, description="this version instead")
+
+    def act(self, store: ps.PromptStore) -> int:
+        return self.report(rollback(store, self.name, self.to))
+
+
+class Export(Action):
+    """write a stored checkpoint version to a file"""
+
+    ref: CliPositionalArg[str] = Field(description="NAME (the current version) or NAME@VERSION")
+    out: str = Field(description="the .safetensors file to write")
+    force: CliToggleFlag[bool] = Field(False, description="overwrite an existing file")
+
+    def act(self, store: ps.PromptStore) -> int:
+        done = export(store, self.ref, Path(self.out), self.force)
+        print(json.dumps(done) if self.as_json else f"{self.ref} -> {done['out']} "
+              f"(v{done['version']}, {done['bytes']} bytes)")  # fmt: skip
+        return 0
+
+
+class Delete(Action):
+    """remove NAME and every version"""
+
+    name: CliPositionalArg[str]
+    yes: CliToggleFlag[bool] = Field(False, description="really delete")
+
+    def act(self, store: ps.PromptStore) -> int:
+        if not self.yes:
+            print(f"refusing to delete {self.name!r} without --yes", file=sys.stderr)
+            return 2
+        store.delete(self.name)
+        print(f"deleted {self.name} (every version)")
+        return 0
+
+
+class Checkpoints(BaseModel):
+    """list, activate, roll back, delete stored checkpoints"""
+
+    list: CliSubCommand[List] = Field(description=List.__doc__)
+    versions: CliSubCommand[Versions] = Field(description=Versions.__doc__)
+    activate: CliSubCommand[Activate] = Field(description=Activate.__doc__)
+    rollback: CliSubCommand[Rollback] = Field(description=Rollback.__doc__)
+    export: CliSubCommand[Export] = Field(description=Export.__doc__)
+    delete: CliSubCommand[Delete] = Field(description=Delete.__doc__)

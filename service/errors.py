@@ -198,9 +198,14 @@ STATUS: tuple[tuple[type[PromptServeError], int], ...] = (
 )
 
 
-def http_status(error: PromptServeError) -> int:
-    """The HTTP status of an error, from the one table (500 only for a bug: an unlisted class)."""
+def status_of(error_class: type[PromptServeError]) -> int:
+    """The HTTP status of an error class, from the one table (500 only for an unlisted class)."""
     for cls, status in STATUS:
-        if isinstance(error, cls):
+        if issubclass(error_class, cls):
             return status
     return 500
+
+
+def http_status(error: PromptServeError) -> int:
+    """The HTTP status of an error, from the one table (500 only for a bug: an unlisted class)."""
+    return status_of(type(error))

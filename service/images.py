@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -27,6 +28,9 @@ from service.errors import (
     PromptServeError,
     UnsupportedImageFormat,
 )
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 # Leading bytes of the formats we allow: a file that starts like one of them but that Pillow
 # cannot identify is a broken JPEG/PNG/WebP (InvalidImage), not an unsupported format.
@@ -45,6 +49,11 @@ class ImageLimits:
     max_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+    @classmethod
+    def of(cls, settings: Settings) -> ImageLimits:
+        """The limits the settings set (PROMPTSERVE_MAX_IMAGE_BYTES, _MAX_IMAGE_PIXELS)."""
+        return cls(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
 
     def __post_init__(self) -> None:
         # An unknown name would surface as a KeyError deep inside Image.open, on a request.

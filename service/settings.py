@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         default=False, description="allow binding a non-loopback address with no API keys"
     )
     shutdown_timeout_s: float = Field(default=30.0, ge=0, description="drain time on SIGTERM")
+    frontends: int | Literal["auto"] = Field(
+        default="auto",
+        description="HTTP front-end processes beside one engine process: a number (1: one "
+        "process does everything), or auto (the cores left beside the engine on a GPU, at most "
+        "12; 1 on a CPU device, for LLaVA, and with in-process training jobs)",
+    )
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="408 and close when a request head takes longer"
     )

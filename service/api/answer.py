@@ -14,36 +14,17 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import errors
-from service.api.deps import ReadAuth
-from service.generative.service import Detokenizer, Generation, Prepared, user_message
-from service.schemas import ErrorResponse
+from service.api.deps import GenerationDep, ReadAuth
+from service.api.errors import COMMON, responses
+from service.engine.answering import Detokenizer, Generation, Prepared, user_message
 
 router = APIRouter(tags=["generation"])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)
-}
 MAX_TEXT = 32_000
-
-
-def generation(request: Request) -> Generation:
-    gen: Generation | None = getattr(request.app.state, "generation", None)
-    services = request.app.state.services
-    if gen is None and services.ready:  # a CLIP server: say so, not "starting"
-        raise errors.WrongBackbone(
-            "this service serves a CLIP backbone (classification); instruction answering "
-            "needs a LLaVA backbone (--backbone llava). Classify with POST /v1/classify"
-        )
-    if gen is None or not services.ready:
-        raise errors.NotReady(
-            "no LLaVA backbone is being served here (start with --backbone llava) or it is "
-            "still starting"
-        )
-    return gen
 
 
 class AnswerRequest(BaseModel):
@@ -88,10 +69,11 @@ async def _first(stream: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
     return first, chained()
 
 
-@router.post("/v1/answer", response_model=AnswerResponse, responses=ERRORS)
-async def answer(req: AnswerRequest, request: Request, _: ReadAuth) -> Any:
+@router.post(
+    "/v1/answer", response_model=AnswerResponse, responses=responses(*COMMON, 404, 415, 504)
+)
+async def answer(req: AnswerRequest, _: ReadAuth, gen: GenerationDep) -> Any:
     """Answer an instruction about an image under a checkpoint's M²PT prompts."""
-    gen = generation(request)
     sampling = gen.sampling(req.max_new_tokens, req.temperature, req.top_p, req.seed)
     images = [req.image] if req.image else []
     prep = await gen.prepare(req.checkpoint, user_message(req.instruction, bool(images)), images)
@@ -186,10 +168,9 @@ def _messages(req: ChatRequest) -> tuple[list[dict[str, Any]], list[str]]:
     return out, images
 
 
-@router.post("/v1/chat/completions", responses=ERRORS)
-async def chat_completions(req: ChatRequest, request: Request, _: ReadAuth) -> Any:
+@router.post("/v1/chat/completions", responses=responses(*COMMON, 404, 415, 504))
+async def chat_completions(req: ChatRequest, _: ReadAuth, gen: GenerationDep) -> Any:
     """OpenAI's chat completions API; `model` names the checkpoint (or `plain`)."""
-    gen = generation(request)
     if req.n not in (None, 1):
         raise errors.BadRequest("n > 1 is not supported; send one request per completion")
     sampling = gen.sampling(

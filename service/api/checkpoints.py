@@ -9,11 +9,11 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.datastructures import UploadFile
 
 import prompts_store as ps
-from service import checkpoints, errors
-from service.api.classify import ERRORS
-from service.api.deps import AdminAuth, ReadAuth, Services, ServicesDep
-from service.engine.publish import publish
-from service.engine.store_errors import store_errors
+from service import errors
+from service.api.deps import AdminAuth, EngineDep, ReadAuth, SettingsDep, StoreDep
+from service.api.errors import COMMON, responses
+from service.checkpoints.format import parse
+from service.checkpoints.store_errors import store_errors
 from service.schemas import (
     ActivateRequest,
     ActivateResponse,
@@ -26,10 +26,6 @@ from service.schemas import (
 )
 
 router = APIRouter(tags=["checkpoints"])
-
-
-def _store(services: Services) -> Any:
-    return services.require_store()  # CLIP or LLaVA: checkpoints validate against either
 
 
 async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -46,7 +42,7 @@ async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     "/v1/checkpoints",
     status_code=201,
     response_model=UploadResponse,
-    responses=ERRORS,
+    responses=responses(*COMMON, 403, 409, 415),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -65,10 +61,10 @@ async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         }
     },
 )
-async def upload(request: Request, services: ServicesDep, _: AdminAuth) -> dict[str, Any]:
+async def upload(
+    request: Request, _: AdminAuth, engine: EngineDep, settings: SettingsDep
+) -> dict[str, Any]:
     """Upload one .safetensors checkpoint (multipart field "file"); its manifest names it."""
-    store = _store(services)
-    assert services.backbone is not None
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         raise errors.UnsupportedMedia("upload a checkpoint as multipart/form-data, field 'file'")
@@ -83,16 +79,9 @@ async def upload(request: Request, services: ServicesDep, _: AdminAuth) -> dict[
         raise errors.BadRequest(
             "multipart field 'file' with the .safetensors checkpoint is missing"
         )
-    data = await upload.read(services.settings.max_checkpoint_bytes + 1)
+    data = await upload.read(settings.max_checkpoint_bytes + 1)
     activate = str(form.get("activate", "true")).lower() not in ("false", "0", "no")
-    published = await asyncio.to_thread(
-        publish,
-        store,
-        services.backbone,  # type: ignore[arg-type]  # validation accepts a LLaVA backbone too
-        data,
-        activate=activate,
-        max_bytes=services.settings.max_checkpoint_bytes,
-    )
+    published = await engine.publish(data, activate)
     return {
         "name": published.name,
         "version": published.version,
@@ -112,17 +101,16 @@ def _version_out(info: Any, current: int | None) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/checkpoints", response_model=CheckpointList, responses=ERRORS)
+@router.get("/v1/checkpoints", response_model=CheckpointList, responses=responses(*COMMON, 404))
 async def list_checkpoints(
-    services: ServicesDep,
     _: ReadAuth,
+    store: StoreDep,
     q: Annotated[str | None, Query(max_length=64, description="part of the name")] = None,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> dict[str, Any]:
     """Checkpoint names with their active version: all of them, or one page of those whose name
     contains `q` (case-insensitive), in name order."""
-    store = _store(services)
 
     def collect() -> dict[str, Any]:
         with store_errors():
@@ -154,18 +142,18 @@ async def list_checkpoints(
     return await asyncio.to_thread(collect)
 
 
-@router.get("/v1/checkpoints/{name}", response_model=CheckpointDetail, responses=ERRORS)
-async def show(name: str, services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
+@router.get(
+    "/v1/checkpoints/{name}", response_model=CheckpointDetail, responses=responses(*COMMON, 404)
+)
+async def show(name: str, _: ReadAuth, store: StoreDep, engine: EngineDep) -> dict[str, Any]:
     """One checkpoint: active version, method, class names, and its versions."""
-    store = _store(services)
     versions = await _call(store.versions, name)
     current = await _call(store.current, name)
     meta: dict[str, Any] = next((v.meta for v in versions if v.version == current), {})
     classnames = None
-    if current is not None and services.residency is not None:
+    if current is not None:
         try:
-            resident = await asyncio.to_thread(services.residency.resolve, f"{name}@{current}")
-            classnames = list(resident.plan.labels)
+            classnames = list(await engine.labels(f"{name}@{current}"))
         except errors.PromptServeError:
             classnames = None  # the listing still answers for a damaged version
     return {
@@ -178,27 +166,32 @@ async def show(name: str, services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/checkpoints/{name}/versions", response_model=VersionList, responses=ERRORS)
-async def versions(name: str, services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
+@router.get(
+    "/v1/checkpoints/{name}/versions", response_model=VersionList, responses=responses(*COMMON, 404)
+)
+async def versions(name: str, _: ReadAuth, store: StoreDep) -> dict[str, Any]:
     """Every stored version of a checkpoint, oldest first."""
-    store = _store(services)
     infos = await _call(store.versions, name)
     current = await _call(store.current, name)
     return {"name": name, "versions": [_version_out(v, current) for v in infos]}
 
 
 @router.get(
-    "/v1/checkpoints/{name}/versions/{version}", response_model=VersionDetail, responses=ERRORS
+    "/v1/checkpoints/{name}/versions/{version}",
+    response_model=VersionDetail,
+    responses=responses(*COMMON, 404),
 )
 async def version_detail(
-    name: str, version: Annotated[int, Path(ge=1)], services: ServicesDep, _: ReadAuth
+    name: str,
+    version: Annotated[int, Path(ge=1)],
+    _: ReadAuth,
+    store: StoreDep,
+    settings: SettingsDep,
 ) -> dict[str, Any]:
     """One stored version with its manifest and the shapes and count of its trained tensors."""
-    store = _store(services)
     stored = await _call(store.get, name, version)  # checksum verified; 404 names the versions
     current = await _call(store.current, name)
-    limit = services.settings.max_checkpoint_bytes
-    ckpt = await asyncio.to_thread(checkpoints.parse, stored.data, limit)
+    ckpt = await asyncio.to_thread(parse, stored.data, settings.max_checkpoint_bytes)
     return {
         **_version_out(stored, current),
         "name": name,
@@ -208,22 +201,25 @@ async def version_detail(
     }
 
 
-@router.post("/v1/checkpoints/{name}/activate", response_model=ActivateResponse, responses=ERRORS)
+@router.post(
+    "/v1/checkpoints/{name}/activate",
+    response_model=ActivateResponse,
+    responses=responses(*COMMON, 403, 404, 409),
+)
 async def activate(
-    name: str, req: ActivateRequest, services: ServicesDep, _: AdminAuth
+    name: str, req: ActivateRequest, _: AdminAuth, store: StoreDep
 ) -> dict[str, Any]:
     """Make a stored version current (rollback included); `expected` makes it compare-and-set."""
-    store = _store(services)
     version = await _call(store.activate, name, req.version, req.expected)
     return {"name": name, "version": version, "active": True}
 
 
-@router.delete("/v1/checkpoints/{name}", response_model=DeleteResponse, responses=ERRORS)
-async def delete(name: str, services: ServicesDep, _: AdminAuth) -> dict[str, Any]:
+@router.delete(
+    "/v1/checkpoints/{name}", response_model=DeleteResponse, responses=responses(*COMMON, 403, 404)
+)
+async def delete(name: str, _: AdminAuth, store: StoreDep, engine: EngineDep) -> dict[str, Any]:
     """Delete every version of a checkpoint."""
-    store = _store(services)
     await _call(store.versions, name)  # 404 for an unknown name rather than a silent no-op
     await _call(store.delete, name)
-    if services.residency is not None:  # this replica at once; the others through the event
-        services.residency.forget(name)
+    engine.forget(name)  # this replica at once; the others through the store's event
     return {"name": name, "deleted": True}

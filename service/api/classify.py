@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
 from service import errors, jsonsafe
-from service.api.deps import ReadAuth, ServicesDep
-from service.schemas import (
-    ClassifyRequest,
-    ClassifyResponse,
-    EmbedRequest,
-    EmbedResponse,
-    ErrorResponse,
-)
+from service.api.deps import ClassifierDep, FrontEndDep, MetricsDep, ReadAuth
+from service.api.errors import COMMON, responses
+from service.engine.protocol import AdHoc, ClassifyResult, ClassifyWork, EmbedWork, Images
+from service.schemas import ClassifyRequest, ClassifyResponse, EmbedRequest, EmbedResponse
 
 router = APIRouter(tags=["inference"])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)
-}
 
 
 async def _multipart(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
@@ -67,11 +61,10 @@ def _form_list(key: str, raw: str) -> list[Any]:
     return value
 
 
-async def _body(request: Request, max_images: int) -> tuple[list[str | bytes], dict[str, Any]]:
+async def _body(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        files, fields = await _multipart(request, max_images)
-        return list(files), fields
+        return await _multipart(request, max_images)
     if ctype not in ("application/json", ""):
         raise errors.UnsupportedMedia(
             f"content type {ctype!r}; send application/json or multipart/form-data"
@@ -79,16 +72,39 @@ async def _body(request: Request, max_images: int) -> tuple[list[str | bytes], d
     payload = jsonsafe.loads(await request.body())
     if not isinstance(payload, dict):
         raise errors.BadRequest("body must be a JSON object")
-    images = payload.get("images")
-    if isinstance(images, list) and len(images) > max_images:
-        raise errors.TooManyImages(f"{len(images)} images; at most {max_images} per request")
     return [], payload
+
+
+def _work(req: ClassifyRequest, images: Images, deadline: float, request_id: str) -> ClassifyWork:
+    """Exactly one way of naming classifiers -> the engine's work."""
+    given = [x is not None for x in (req.checkpoint, req.checkpoints, req.classnames)]
+    if sum(given) != 1:
+        raise errors.BadRequest("give exactly one of checkpoint, checkpoints, classnames")
+    adhoc = None
+    if req.classnames is not None:
+        templates = None if req.templates is None else tuple(req.templates)
+        adhoc = AdHoc(tuple(req.classnames), templates)
+    elif req.templates is not None:
+        raise errors.BadRequest("templates go with classnames (ad-hoc zero-shot) only")
+    refs = (req.checkpoint,) if req.checkpoint is not None else tuple(req.checkpoints or ())
+    if adhoc is None and not refs:
+        raise errors.BadRequest("checkpoints is empty; name at least one")
+    return ClassifyWork(request_id, refs, adhoc, images, req.top_k, deadline)
+
+
+def _result(r: ClassifyResult) -> dict[str, Any]:
+    return {
+        "checkpoint": r.checkpoint,
+        "version": r.version,
+        "method": r.method,
+        "predictions": [[{"label": lab, "score": s} for lab, s in row] for row in r.predictions],
+    }
 
 
 @router.post(
     "/v1/classify",
     response_model=ClassifyResponse,
-    responses=ERRORS,
+    responses=responses(*COMMON, 404, 415, 504),
     # The handler reads the body itself (JSON or multipart), so FastAPI would not document it: the
     # model's schema is inlined here (a bare $ref pointed at a component that was never emitted).
     openapi_extra={
@@ -98,42 +114,52 @@ async def _body(request: Request, max_images: int) -> tuple[list[str | bytes], d
         }
     },
 )
-async def classify(request: Request, services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
+async def classify(
+    request: Request, _: ReadAuth, engine: ClassifierDep, front: FrontEndDep, metrics: MetricsDep
+) -> dict[str, Any]:
     """Classify images by checkpoint(s), or zero-shot with ad-hoc class names."""
-    inference = services.require()
     start = time.perf_counter()
-    deadline = inference.deadline()  # from arrival: text encoding and decoding count too
+    deadline = front.deadline()  # from arrival: text encoding and decoding count too
     # The body has arrived (middleware.BodyReader): admission counts only complete requests.
-    with inference.admission():  # 429 at once when full, before the body is parsed
-        files, fields = await _body(request, inference.max_images)
+    with front.admission():  # 429 at once when full, before the body is parsed
+        files, fields = await _body(request, front.max_images)
         req = ClassifyRequest.model_validate({"images": [], **fields})
         items: list[str | bytes] = [*req.images, *files]
-        inference.check_count(len(items))
-        targets = await inference.targets(
-            req.checkpoint, req.checkpoints, req.classnames, req.templates, deadline
-        )
-        results = await inference.classify(items, targets, req.top_k, deadline)
-    services.metrics.latency.labels("classify").observe(time.perf_counter() - start)
-    return {"results": results}
+        front.check_count(len(items))
+        work = _work(req, (), deadline, request.state.request_id)
+        if work.adhoc is not None:  # validate the class names before decoding anything
+            front.check_adhoc(work.adhoc)
+        images = await asyncio.to_thread(front.decode, items)
+        results = await engine.classify(replace(work, images=images))
+    metrics.latency.labels("classify").observe(time.perf_counter() - start)
+    return {"results": [_result(r) for r in results]}
 
 
-@router.post("/v1/embed", response_model=EmbedResponse, responses=ERRORS)
-async def embed(req: EmbedRequest, services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
+@router.post("/v1/embed", response_model=EmbedResponse, responses=responses(*COMMON, 404, 415, 504))
+async def embed(
+    req: EmbedRequest,
+    request: Request,
+    _: ReadAuth,
+    engine: ClassifierDep,
+    front: FrontEndDep,
+    metrics: MetricsDep,
+) -> dict[str, Any]:
     """Normalized image embeddings (plain or under a checkpoint's vision prompts) and texts."""
-    inference = services.require()
     if not req.images and not req.texts:
         raise errors.BadRequest("give images, texts, or both")
     start = time.perf_counter()
-    checkpoint = version = plan = None
-    if req.checkpoint is not None:
-        resident = await asyncio.to_thread(inference.residency.resolve, req.checkpoint)
-        checkpoint, version, plan = resident.name, resident.version, resident.plan
-    images = await inference.embed_images(req.images, plan) if req.images else None
-    texts = await inference.embed_texts(req.texts) if req.texts else None
-    services.metrics.latency.labels("embed").observe(time.perf_counter() - start)
+    deadline = front.deadline()
+    front.check_texts(req.texts)
+    images = None
+    if req.images:
+        front.check_count(len(req.images))
+        images = await asyncio.to_thread(front.decode, req.images)
+    work = EmbedWork(request.state.request_id, req.checkpoint, images, tuple(req.texts), deadline)
+    out = await engine.embed(work)
+    metrics.latency.labels("embed").observe(time.perf_counter() - start)
     return {
-        "checkpoint": checkpoint,
-        "version": version,
-        "image_embeddings": [] if images is None else images.tolist(),
-        "text_embeddings": [] if texts is None else texts.tolist(),
+        "checkpoint": out.checkpoint,
+        "version": out.version,
+        "image_embeddings": [] if out.images is None else out.images.tolist(),
+        "text_embeddings": [] if out.texts is None else out.texts.tolist(),
     }

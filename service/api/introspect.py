@@ -3,18 +3,17 @@ offer, read through the same auth as every other route."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from service import errors
-from service.api.classify import ERRORS
-from service.api.deps import ReadAuth, ServicesDep
+from service.api.deps import EngineDep, ReadAuth, SettingsDep
+from service.api.errors import COMMON, responses
+from service.prompts.registry import trainable
 from service.training import proving_ground as pg
-from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE, RECIPES
-from service.training.runs import DatasetSpec
+from service.training.datasets import KINDS
+from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE
 
 router = APIRouter(tags=["operations"])
 
@@ -58,26 +57,26 @@ class TrainingOptions(BaseModel):
     proving_ground: ProvingGroundOptions
 
 
-@router.get("/v1/whoami", response_model=WhoAmI, responses=ERRORS)
-async def whoami(services: ServicesDep, role: ReadAuth) -> dict[str, Any]:
+@router.get("/v1/whoami", response_model=WhoAmI, responses=responses(*COMMON))
+async def whoami(settings: SettingsDep, role: ReadAuth) -> dict[str, Any]:
     """The role of the key sent (401 for none or an unknown one while auth is on)."""
-    return {"role": role, "auth": services.settings.auth_enabled}
+    return {"role": role, "auth": settings.auth_enabled}
 
 
-@router.get("/v1/residency", response_model=ResidencyOut, responses=ERRORS)
-async def residency(services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
-    """What this replica holds in memory and what it may hold."""
-    if services.residency is None:
-        raise errors.NotReady("the service is starting or stopping; retry shortly")
-    return await asyncio.to_thread(services.residency.residents)
+@router.get("/v1/residency", response_model=ResidencyOut, responses=responses(*COMMON))
+async def residency(_: ReadAuth, engine: EngineDep) -> dict[str, Any]:
+    """What the engine holds in memory and what it may hold."""
+    return await engine.residents()
 
 
-@router.get("/v1/training/options", response_model=TrainingOptions, responses=ERRORS)
-async def training_options(_: ReadAuth) -> dict[str, Any]:
-    """The methods, dataset kinds and proving-ground domains a training job may name."""
+@router.get("/v1/training/options", response_model=TrainingOptions, responses=responses(*COMMON))
+async def training_options(_: ReadAuth, engine: EngineDep) -> dict[str, Any]:
+    """The methods, dataset kinds and proving-ground domains a training job for the served
+    backbone may name."""
+    task = "classify" if "classify" in engine.capabilities else "answer"
     return {
-        "methods": sorted(RECIPES),
-        "datasets": list(get_args(DatasetSpec.model_fields["kind"].annotation)),
+        "methods": trainable(task),
+        "datasets": list(KINDS[task]),
         "proving_ground": {
             "domains": list(pg.DOMAINS),  # as the module orders them: source first
             "recipe": PROVING_RECIPE,

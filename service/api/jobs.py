@@ -9,11 +9,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from service import errors
-from service.api.classify import ERRORS
-from service.api.deps import AdminAuth, ReadAuth, Services, ServicesDep
-from service.training.jobs import JobQueue
-from service.training.local_jobs import LocalJobs
+from service.api.deps import AdminAuth, JobsDep, ReadAuth
+from service.api.errors import COMMON, responses
 from service.training.runs import TrainSpec
 
 router = APIRouter(tags=["jobs"])
@@ -71,41 +68,30 @@ class JobOut(BaseModel):
     cancel_requested: bool | None = None
 
 
-def _jobs(services: Services) -> JobQueue | LocalJobs:
-    if services.jobs is None:
-        raise errors.NotReady(
-            "training jobs are off: set PROMPTSERVE_QUEUE=redis://... (workers) or "
-            "PROMPTSERVE_LOCAL_JOBS=true (the service trains them itself)"
-        )
-    return services.jobs
-
-
 _OUT: dict[str, Any] = {"response_model": JobOut, "response_model_exclude_none": True}
-_RESPONSES = {**ERRORS, 403: ERRORS[401], 409: ERRORS[400]}
+_RESPONSES = responses(*COMMON, 403, 404, 409)
 
 
 @router.post("/v1/jobs", status_code=202, responses=_RESPONSES, **_OUT)
 async def submit(
-    spec: TrainSpec, response: Response, services: ServicesDep, _: AdminAuth
+    spec: TrainSpec, response: Response, _: AdminAuth, jobs: JobsDep
 ) -> dict[str, Any]:
     """Queue a training run; a `promptserve worker` picks it up."""
-    job_id = await asyncio.to_thread(_jobs(services).submit, spec)
+    job_id = await asyncio.to_thread(jobs.submit, spec)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return {"id": job_id, "state": "queued"}
 
 
 @router.get("/v1/jobs/{job_id}", responses=_RESPONSES, **_OUT)
-async def show(job_id: str, services: ServicesDep, _: ReadAuth) -> dict[str, Any]:
+async def show(job_id: str, _: ReadAuth, jobs: JobsDep) -> dict[str, Any]:
     """State; progress while it runs, result when finished, error when failed."""
-    return await asyncio.to_thread(_jobs(services).status, job_id)
+    return await asyncio.to_thread(jobs.status, job_id)
 
 
 @router.delete("/v1/jobs/{job_id}", responses=_RESPONSES, **_OUT)
-async def cancel(
-    job_id: str, response: Response, services: ServicesDep, _: AdminAuth
-) -> dict[str, Any]:
+async def cancel(job_id: str, response: Response, _: AdminAuth, jobs: JobsDep) -> dict[str, Any]:
     """Cancel: a queued job is cancelled at once (200); a running one stops at its next batch
     and publishes nothing (202, state "started" with cancel_requested until it has stopped)."""
-    out = await asyncio.to_thread(_jobs(services).cancel, job_id)
+    out = await asyncio.to_thread(jobs.cancel, job_id)
     response.status_code = 202 if out["state"] == "started" else 200
     return out

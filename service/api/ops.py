@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import errors
-from service.api.deps import OpsViewer, ServicesDep
+from service.api.deps import MaybeEngineDep, MetricsDep, OpsViewer
 from service.schemas import ErrorResponse
 
 router = APIRouter(tags=["operations"])
@@ -36,17 +36,17 @@ async def healthz() -> dict[str, str]:
     },
     openapi_extra={"security": [{}]},  # the key is optional here: {} = anonymous allowed
 )
-async def readyz(services: ServicesDep, viewer: OpsViewer, strict: bool = False) -> Any:
+async def readyz(engine: MaybeEngineDep, viewer: OpsViewer, strict: bool = False) -> Any:
     """Ready: backbone loaded and warm. The store's state is reported; with `strict=true` a
     degraded store also makes this 503 (by default replicas stay in rotation and keep serving
     resident checkpoints while the store is down)."""
-    body: dict[str, Any] = {"status": "ready" if services.ready else "starting", **services.status}
+    body: dict[str, Any] = {"status": "starting"}
     store_ok = True
-    if services.residency is not None:
-        health = services.residency.health()
-        body.update(health)
+    if engine is not None:
+        health = engine.health()
+        body = {"status": "ready", **engine.describe(), **health}
         store_ok = health["store"] == "ok"
-    ok = services.ready and (store_ok or not strict)
+    ok = engine is not None and (store_ok or not strict)
     if viewer is None:  # no key: the verdict only
         body = {"status": body["status"]}
     return JSONResponse(body, status_code=200 if ok else 503)
@@ -61,15 +61,11 @@ _JSON_ERROR = {"application/json": {"schema": ErrorResponse.model_json_schema()}
     response_class=PlainTextResponse,  # the exposition format; its errors are JSON like all others
     responses={401: {"description": "no key, or not a valid one", "content": _JSON_ERROR}},
 )
-async def metrics(services: ServicesDep, viewer: OpsViewer) -> Response:
+async def metrics(metrics: MetricsDep, viewer: OpsViewer) -> Response:
     """Prometheus exposition (needs a key unless PROMPTSERVE_METRICS_PUBLIC=true)."""
     if viewer is None:
         raise errors.Unauthorized(
             "/metrics needs an API key (Authorization: Bearer <key>); set "
             "PROMPTSERVE_METRICS_PUBLIC=true to scrape without one on a private network"
         )
-    inference = services.inference
-    if inference is not None:
-        services.metrics.queue_depth.set(inference.batcher.queue_depth)
-        services.metrics.in_progress.set(inference.admitted)
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,1 +1,1 @@
-"""Frozen backbones: open_clip CLIP (and, later, LLaVA)."""
+"""Frozen backbones: the `Backbone` contract (base.py), CLIP and LLaVA, one loader (registry.py)."""

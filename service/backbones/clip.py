@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import open_clip
 import torch
@@ -24,6 +24,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import Tensor, nn
 
 from service.backbones import prompted
+from service.backbones.base import Capability
 from service.backbones.prompted import Placement, TextParts
 from service.errors import BackboneError, WeightsUnavailable
 
@@ -65,6 +66,10 @@ def fingerprint_state(state: dict[str, Tensor]) -> str:
 class ClipBackbone:
     """One frozen open_clip model with its tokenizer, preprocessing and fingerprint."""
 
+    kind: ClassVar[str] = "clip"
+    title: ClassVar[str] = "CLIP"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"classify", "embed"})
+
     model: Any  # open_clip CLIP / CustomTextCLIP (its attributes are dynamic to mypy)
     model_name: str
     pretrained: str
@@ -81,6 +86,21 @@ class ClipBackbone:
         self.is_vit = hasattr(self.visual, "class_embedding") and hasattr(
             self.visual.transformer, "resblocks"
         )
+
+    def preprocess_config(self) -> dict[str, Any]:
+        """open_clip's preprocessing config of the model: what a front-end process needs to build
+        the same transform (`transform_of`) without the model."""
+        return dict(get_model_preprocess_cfg(self.model))
+
+    def describe(self) -> dict[str, str]:
+        """What /readyz and the start-up log say about the backbone."""
+        return {
+            "backbone": self.model_name,
+            "kind": self.kind,
+            "pretrained": self.pretrained,
+            "device": str(self.device),
+            "fingerprint": self.fingerprint,
+        }
 
     # --- dimensions the prompt methods declare their parameters against ---------------------
     @property
@@ -113,6 +133,12 @@ class ClipBackbone:
     def vision_layers(self) -> int:
         self._require_vit()
         return len(self.visual.transformer.resblocks)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The model's input `(height, width)` (its preprocessing's output)."""
+        size = self.visual.image_size
+        return (int(size[0]), int(size[1])) if isinstance(size, tuple) else (int(size), int(size))
 
     @property
     def logit_scale(self) -> float:
@@ -240,14 +266,13 @@ def load_clip(
     dtype = PRECISIONS[precision]
     model = model.to(device=torch.device(device), dtype=dtype).eval()
     model.requires_grad_(False)
-    preprocess_cfg = PreprocessCfg(**get_model_preprocess_cfg(model))
     backbone = ClipBackbone(
         model=model,
         model_name=model_name,
         pretrained=pretrained,
         fingerprint=fingerprint,
         tokenizer=open_clip.get_tokenizer(model_name),
-        preprocess=image_transform_v2(preprocess_cfg, is_train=False),
+        preprocess=transform_of(get_model_preprocess_cfg(model)),
         device=torch.device(device),
         dtype=dtype,
     )
@@ -270,3 +295,10 @@ def _download(model_name: str, tag: str, cache_dir: str | None) -> nn.Module:
             f"could not obtain the {tag!r} weights of {model_name} (no network, or the download "
             f"failed: {exc}). {OFFLINE_FIX}"
         ) from exc
+
+
+def transform_of(config: dict[str, Any]) -> Callable[[Any], Tensor]:
+    """The evaluation transform open_clip builds from a preprocessing config (PIL image in,
+    normalized `[3, H, W]` float tensor out)."""
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)

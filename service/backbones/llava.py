@@ -21,8 +21,8 @@ transformers' modules, so one frozen model serves prompted and plain requests si
   decoder layer overwrites them during prefill (the kwarg `m2pt_text` travels through the model's
   `**kwargs`, so there is no shared mutable state between threads). Decode steps pass nothing:
   the prompts' keys and values are carried by the KV cache.
-* positions: prompts take positions 0..n-1, then each row's tokens follow, with left padding
-  masked out; position ids are the cumulative sum of the attention mask, as `generate` computes.
+* positions: prompts take 0..n-1, then each row's tokens (left padding masked out); position ids
+  are the cumulative sum of the attention mask, as `generate` computes.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from service.backbones.base import Capability
 from service.backbones.clip import PRECISIONS, fingerprint_state
 from service.errors import BackboneError, BadRequest, WeightsUnavailable
 
@@ -100,7 +101,9 @@ def _text_prompt_hook(index: int) -> Any:
 class LlavaBackbone:
     """One frozen LlavaForConditionalGeneration with its processor and fingerprint."""
 
-    kind = "llava"
+    kind: ClassVar[str] = "llava"
+    title: ClassVar[str] = "LLaVA"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"answer"})
 
     def __init__(
         self,
@@ -125,9 +128,8 @@ class LlavaBackbone:
         cfg = model.config
         if not isinstance(cfg.vision_feature_layer, int):
             raise BackboneError("only LLaVA models with one vision feature layer are supported")
-        self.tower: Any = getattr(
-            model.model.vision_tower, "vision_model", model.model.vision_tower
-        )
+        tower = model.model.vision_tower
+        self.tower: Any = getattr(tower, "vision_model", tower)
         if not all(hasattr(self.tower, a) for a in ("embeddings", "pre_layrnorm", "encoder")):
             raise BackboneError(
                 "M²PT needs a CLIP vision tower (embeddings, pre_layrnorm, encoder)"
@@ -144,6 +146,16 @@ class LlavaBackbone:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         for i, layer in enumerate(self.lm.layers):
             layer.register_forward_pre_hook(_text_prompt_hook(i), with_kwargs=True)
+
+    def describe(self) -> dict[str, str]:
+        """What /readyz and the start-up log say about the backbone."""
+        return {
+            "backbone": self.model_name,
+            "kind": self.kind,
+            "pretrained": self.pretrained,
+            "device": str(self.device),
+            "fingerprint": self.fingerprint,
+        }
 
     # --- dimensions the M²PT parameters are declared against -----------------------------------
     @property

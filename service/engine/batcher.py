@@ -21,7 +21,7 @@ import torch
 
 from service.engine.queue_worker import QueueWorker
 from service.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded, TooManyImages
-from service.prompts.base import Plan
+from service.prompts.plans import Plan
 
 log = logging.getLogger(__name__)
 

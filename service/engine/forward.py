@@ -7,8 +7,8 @@ biases (a no-op), so text-only and bias-only plans share the plain pass.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +16,34 @@ from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
 from service.engine.runtimes.base import Runtime
-from service.prompts.base import Plan, Signature
+from service.prompts.plans import Plan, Signature
+
+K = TypeVar("K", bound=Hashable)
 
 
-def group_by_signature(plans: Sequence[Plan]) -> dict[Signature, list[int]]:
-    """Sample indices per signature, in arrival order."""
-    groups: dict[Signature, list[int]] = defaultdict(list)
+def group(plans: Sequence[Plan], key: Callable[[Plan], K]) -> dict[K, list[int]]:
+    """Indices of the plans per `key` (first appearance order; indices ascending): THE grouping
+    of the classify path, by `signature` (one encoder pass), `vision_key` (one encode per
+    request) or identity (one class-matrix product)."""
+    groups: dict[K, list[int]] = {}
     for i, plan in enumerate(plans):
-        groups[plan.signature].append(i)
-    return dict(groups)
+        groups.setdefault(key(plan), []).append(i)
+    return groups
+
+
+def signature(plan: Plan) -> Signature:
+    """Plans of one signature share an encoder pass."""
+    return plan.signature
 
 
 def gather_prompts(plans: Sequence[Plan]) -> tuple[Tensor | None, Tensor | None]:
-    """Per-sample tokens `[B, L, n, d]` and biases `[B, Lmax, d]` of plans of one signature."""
+    """Per-sample tokens `[B, L, n, d]` and biases `[B, Lmax, d]` of plans of one signature; the
+    plan's own `[L, n, d]` / `[L, d]` when every row holds the same ones (the common case: one
+    checkpoint per batch), which the forward and the runtimes broadcast instead of copying."""
+    first = plans[0]
+    if all(p.vision_tokens is first.vision_tokens and p.vision_bias is first.vision_bias
+           for p in plans):  # fmt: skip
+        return first.vision_tokens, first.vision_bias
     tokens = None
     if plans[0].vision_tokens is not None:
         tokens = torch.stack([p.vision_tokens for p in plans])  # type: ignore[misc]
@@ -52,10 +67,10 @@ def encode(
     if len(plans) != images.shape[0]:
         raise ValueError("one plan per image")
     out: Tensor | None = None
-    for signature, idx in group_by_signature(plans).items():
+    for sig, idx in group(plans, signature).items():
         tokens, bias = gather_prompts([plans[i] for i in idx])
         index = torch.tensor(idx, device=images.device)
-        placement = signature.placement
+        placement = sig.placement
         chunk = images.index_select(0, index)
         if runtime is None:
             feats = backbone.encode_image(chunk, tokens, bias, placement)  # type: ignore[arg-type]
@@ -73,11 +88,8 @@ def encode(
 def classify(backbone: ClipBackbone, images: Tensor, plans: Sequence[Plan]) -> list[Tensor]:
     """Logits per sample (`[C_i]`): encoder passes per signature, then one product per plan."""
     feats = encode(backbone, images, plans)
-    by_plan: dict[int, list[int]] = defaultdict(list)
-    for i, plan in enumerate(plans):
-        by_plan[id(plan)].append(i)
     logits: list[Tensor | None] = [None] * len(plans)
-    for idx in by_plan.values():
+    for idx in group(plans, id).values():
         plan = plans[idx[0]]
         rows = plan.logits(feats[idx])
         for j, i in enumerate(idx):

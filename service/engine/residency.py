@@ -17,21 +17,22 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
 import prompts_store as ps
 from prompts_store.names import check_version
 from service import checkpoints, errors
-from service.backbones.clip import ClipBackbone
+from service.backbones.base import Backbone
 from service.checkpoints import Manifest
-from service.engine.store_errors import store_errors
-from service.prompts.base import Plan
+from service.checkpoints.store_errors import store_errors
+from service.prompts.plans import ServingPlan
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
+P = TypeVar("P", bound=ServingPlan)
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -48,12 +49,12 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 
 @dataclass(frozen=True, eq=False)
-class Resident:
+class Resident(Generic[P]):
     """One loaded checkpoint version: what a request holds while it runs."""
 
     name: str
     version: int
-    plan: Plan
+    plan: P
     manifest: Manifest
 
     @property
@@ -76,20 +77,20 @@ class ResidencyStats:
     load_seconds: list[float] = field(default_factory=list)
 
 
-class _Tier:
+class _Tier(Generic[P]):
     """An LRU of residents on one device under a byte budget."""
 
     def __init__(self, device: torch.device, budget: int) -> None:
         self.device, self.budget, self.used = device, budget, 0
-        self.items: OrderedDict[Key, Resident] = OrderedDict()
+        self.items: OrderedDict[Key, Resident[P]] = OrderedDict()
 
-    def pop(self, key: Key) -> Resident | None:
+    def pop(self, key: Key) -> Resident[P] | None:
         resident = self.items.pop(key, None)
         if resident is not None:
             self.used -= resident.nbytes
         return resident
 
-    def put(self, key: Key, resident: Resident) -> list[Resident]:
+    def put(self, key: Key, resident: Resident[P]) -> list[Resident[P]]:
         """Insert (most recent) and return what no longer fits, least recent first."""
         self.pop(key)
         self.items[key] = resident
@@ -102,13 +103,17 @@ class _Tier:
         return spilled
 
 
-class Residency:
-    """Resolve `name[@version]` to a validated, materialized, resident checkpoint version."""
+class Residency(Generic[P]):
+    """Resolve `name[@version]` to a validated, materialized, resident checkpoint version.
+
+    `plan_type` is the plan the backbone's methods materialize into (`Plan` for CLIP,
+    `AnswerPlan` for LLaVA); validation refuses other methods first, this makes it a type."""
 
     def __init__(
         self,
         store: ps.PromptStore,
-        backbone: ClipBackbone,
+        backbone: Backbone,
+        plan_type: type[P],
         *,
         device_budget: int = 512 * 2**20,
         host_budget: int = 2 * 2**30,
@@ -119,10 +124,11 @@ class Residency:
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.stats = ResidencyStats()
         self.on_change = on_change
-        self._device = _Tier(backbone.device, device_budget)
-        self._host = _Tier(torch.device("cpu"), host_budget)
+        self.plan_type = plan_type
+        self._device: _Tier[P] = _Tier(backbone.device, device_budget)
+        self._host: _Tier[P] = _Tier(torch.device("cpu"), host_budget)
         self._current: dict[str, int] = {}  # the validated version we serve per name
-        self._loading: dict[Key, Future[Resident]] = {}
+        self._loading: dict[Key, Future[Resident[P]]] = {}
         self._deletions: dict[str, int] = {}  # per name: a load a deletion overtook is dropped
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -130,7 +136,7 @@ class Residency:
         self.store_ok = True
 
     # --- requests ------------------------------------------------------------------------------
-    def resolve(self, ref: str) -> Resident:
+    def resolve(self, ref: str) -> Resident[P]:
         """The resident version for a request; loads it (once) if it is cold."""
         name, pinned = parse_ref(ref)
         version = pinned if pinned is not None else self._serving_version(name)
@@ -154,7 +160,7 @@ class Residency:
             # The watcher may have swapped in a newer version meanwhile: it wins.
             return self._current.setdefault(name, version)
 
-    def _get(self, key: Key) -> Resident:
+    def _get(self, key: Key) -> Resident[P]:
         with self._lock:
             resident = self._device.items.get(key)
             if resident is not None:
@@ -199,14 +205,14 @@ class Residency:
         future.set_result(resident)
         return resident
 
-    def _place(self, key: Key, resident: Resident) -> None:
+    def _place(self, key: Key, resident: Resident[P]) -> None:
         """Insert into the device tier; spill least-recent residents to host, then to the store."""
         for old in self._device.put(key, resident):
             self.stats.demotions += 1
             moved = Resident(old.name, old.version, old.plan.to("cpu"), old.manifest)
             self.stats.evictions += len(self._host.put((old.name, old.version), moved))
 
-    def _load(self, key: Key) -> Resident:
+    def _load(self, key: Key) -> Resident[P]:
         name, version = key
         start = time.perf_counter()
         try:
@@ -214,6 +220,10 @@ class Residency:
                 stored = self.store.get(name, version)
             ckpt = checkpoints.load(stored.data, self.backbone, self.max_checkpoint_bytes)
             plan = checkpoints.materialize(ckpt, self.backbone)
+            if not isinstance(plan, self.plan_type):  # cannot happen past validation: say so
+                raise errors.InvalidContent(
+                    f"{ckpt.manifest.method} checkpoints cannot be served by this backbone"
+                )
         except errors.PromptServeError:
             self.stats.load_failures += 1
             raise

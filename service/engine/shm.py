@@ -1,9 +1,10 @@
 """Shared-memory image slots between a front-end process and the engine process.
 
 A front end owns one segment, a file under /dev/shm mapped by both processes: `count` slots of
-one model-sized image each (`H x W x 3` uint8, the crop the CPU preprocessing makes before its
-float conversion). It writes a request's images into free slots and sends the engine only the
-slot numbers (a few bytes); the engine maps the segment once and reads the slots it is told
+one model-sized image each (the preprocessed `3 x H x W` float32 the model takes: the
+front end does all of the preprocessing, so the engine's only per-image CPU work is a copy).
+It writes a request's images into free slots and sends the engine only the slot numbers
+(a few bytes); the engine maps the segment once and reads the slots it is told
 of, so no image crosses a socket. Only the front end allocates and frees: a slot is freed when
 the engine's answer for its request arrives (the engine has copied the images into its batch
 before it answers), or when the engine is known dead.
@@ -64,10 +65,15 @@ class SlotPool:
     """The front end's side: a segment of `count` image slots, a free list, writes."""
 
     def __init__(
-        self, name: str, count: int, shape: Sequence[int], directory: Path = SHM_DIR
+        self,
+        name: str,
+        count: int,
+        shape: Sequence[int],
+        directory: Path = SHM_DIR,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.name, self.count, self.shape = name, count, tuple(shape)
-        self.slot_bytes = int(torch.Size(self.shape).numel())  # uint8
+        self.name, self.count, self.shape, self.dtype = name, count, tuple(shape), dtype
+        self.slot_bytes = int(torch.Size(self.shape).numel()) * dtype.itemsize
         self.path = directory / name
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -75,7 +81,7 @@ class SlotPool:
             self._map = mmap.mmap(fd, self.slot_bytes * count)
         finally:
             os.close(fd)
-        self._tensor = torch.frombuffer(self._map, dtype=torch.uint8).view(count, *self.shape)
+        self._tensor = torch.frombuffer(self._map, dtype=dtype).view(count, *self.shape)
         self._free = list(range(count - 1, -1, -1))
 
     @property
@@ -83,10 +89,13 @@ class SlotPool:
         return len(self._free)
 
     def put(self, images: Tensor) -> list[int]:
-        """Copy `[n, *shape]` uint8 images into free slots; their numbers (Overloaded if full)."""
+        """Copy `[n, *shape]` images into free slots; their numbers (Overloaded if full)."""
         n = int(images.shape[0])
-        if tuple(images.shape[1:]) != self.shape or images.dtype != torch.uint8:
-            raise ValueError(f"slots hold {self.shape} uint8, not {tuple(images.shape[1:])}")
+        if tuple(images.shape[1:]) != self.shape or images.dtype != self.dtype:
+            raise ValueError(
+                f"slots hold {self.shape} {self.dtype}, "
+                f"not {tuple(images.shape[1:])} {images.dtype}"
+            )
         if n > len(self._free):
             raise Overloaded(
                 f"image slots full ({self.count - len(self._free)} of {self.count} in use); "
@@ -113,9 +122,16 @@ class SlotPool:
 class SlotReader:
     """The engine's side: one segment mapped, slots gathered into a batch."""
 
-    def __init__(self, name: str, count: int, shape: Sequence[int], directory: Path = SHM_DIR):
+    def __init__(
+        self,
+        name: str,
+        count: int,
+        shape: Sequence[int],
+        directory: Path = SHM_DIR,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.name, self.count, self.shape = name, count, tuple(shape)
-        size = int(torch.Size(self.shape).numel()) * count
+        size = int(torch.Size(self.shape).numel()) * dtype.itemsize * count
         # Mapped shared and writable (torch views of read-only memory warn on creation); the
         # engine only ever reads it.
         fd = os.open(directory / name, os.O_RDWR)
@@ -123,10 +139,10 @@ class SlotReader:
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self._tensor = torch.frombuffer(self._map, dtype=torch.uint8).view(count, *self.shape)
+        self._tensor = torch.frombuffer(self._map, dtype=dtype).view(count, *self.shape)
 
     def read(self, slots: Sequence[int]) -> Tensor:
-        """A copy of the images in `slots`, `[n, *shape]` uint8 (the front end may reuse the
+        """A copy of the images in `slots`, `[n, *shape]` (the front end may reuse the
         slots as soon as the engine has answered)."""
         index = torch.tensor(list(slots), dtype=torch.long)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.count):

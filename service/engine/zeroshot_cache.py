@@ -30,7 +30,8 @@ from torch import Tensor
 from service.backbones.clip import ClipBackbone
 from service.checkpoints import check_classnames, check_templates
 from service.errors import DeadlineExceeded, InvalidClassnames, Overloaded
-from service.prompts.base import DEFAULT_TEMPLATES, Plan, ensemble, template_prompts
+from service.prompts.base import DEFAULT_TEMPLATES, ensemble, template_prompts
+from service.prompts.plans import Plan
 
 CHUNK_SECONDS = 0.04  # an image request waits behind at most about this much text work
 MAX_CHUNK = 256  # prompts per text-tower call at most (the first chunk: 8, then measured)
@@ -63,14 +64,7 @@ class ZeroShotCache:
 
     def key(self, classnames: Sequence[str], templates: Sequence[str] | None) -> Key:
         """The validated content key (4xx for bad class names or templates)."""
-        if len(classnames) > self.max_classes:
-            raise InvalidClassnames(
-                f"{len(classnames)} ad-hoc class names; at most {self.max_classes} per request "
-                "(upload a checkpoint for larger label sets)"
-            )
-        names = tuple(check_classnames(list(classnames)))
-        temps = tuple(check_templates(list(templates or ()))) or DEFAULT_TEMPLATES
-        return names, temps
+        return adhoc_key(classnames, templates, self.max_classes)
 
     async def plan(
         self,
@@ -157,6 +151,18 @@ class ZeroShotCache:
         last = self.seconds_per_prompt
         self.seconds_per_prompt = per if last is None else 0.7 * last + 0.3 * per
         return out
+
+
+def adhoc_key(classnames: Sequence[str], templates: Sequence[str] | None, max_classes: int) -> Key:
+    """Ad-hoc class names and templates, validated (4xx) and normalized: the cache's key."""
+    if len(classnames) > max_classes:
+        raise InvalidClassnames(
+            f"{len(classnames)} ad-hoc class names; at most {max_classes} per request "
+            "(upload a checkpoint for larger label sets)"
+        )
+    names = tuple(check_classnames(list(classnames)))
+    temps = tuple(check_templates(list(templates or ()))) or DEFAULT_TEMPLATES
+    return names, temps
 
 
 async def _in_a_thread(fn: Callable[[], Tensor]) -> Tensor:

@@ -35,12 +35,9 @@ from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
 from service.errors import BackboneMismatch
-from service.importers.layouts import backbone_key
+from service.importers.layouts import backbone_key, layout
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GPA_EPOCHS = 50
-MAX_GPA_EPOCHS = 200  # the longest schedule in the reference configs (CoOp, 200 epochs)
 
 
 @dataclass(frozen=True)
@@ -54,12 +51,9 @@ class FrozenCheck:
 
 
 def averaged_epochs(method: str, epoch: object) -> int:
-    """N of the bound: the GPA epochs for PromptSRC, 1 for trainers that copy the backbone."""
-    if method != "promptsrc":
-        return 1
-    if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
-        return min(epoch, MAX_GPA_EPOCHS)
-    return DEFAULT_GPA_EPOCHS
+    """N of the bound: the GPA epochs for PromptSRC, 1 for trainers that copy the backbone (the
+    method's layout says)."""
+    return layout(method).averaged_epochs(epoch)
 
 
 def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:

@@ -34,7 +34,7 @@ from torch import Tensor
 from service.backbones.llava import LlavaBackbone
 from service.checkpoints import BackboneRef, Checkpoint, Manifest, dump, load
 from service.errors import InvalidContent, MalformedCheckpoint
-from service.generative.m2pt import PROJECTOR_PREFIX
+from service.prompts.m2pt import M2PT, PROJECTOR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def import_m2pt(
     try:
         manifest = Manifest(
             name=name,
-            method="m2pt",
+            method=M2PT.name,
             method_config=config,
             backbone=BackboneRef(
                 model=backbone.model_name,
@@ -233,4 +233,4 @@ def import_m2pt(
     except ValidationError as exc:
         raise InvalidContent(f"invalid checkpoint name or manifest: {exc}") from exc
     data = dump(params, manifest)
-    return load(data, backbone), data  # type: ignore[arg-type]  # load validates either backbone
+    return load(data, backbone), data

@@ -1,145 +1,49 @@
-"""The Plan every prompt method materializes into, and the `PromptMethod` contract.
+"""The base of the CLIP prompt methods (`PromptMethod`) and the text helpers they share.
 
-At serving time the engine never knows method names: it sees a `Plan` (vision-side deep tokens
-and biases, a class matrix or an image-conditional head, labels) and a `Signature` that says which
-plans may share one encoder pass. A method is one module: it declares its parameters for a
-backbone, initializes them, computes (differentiably, for training) its vision prompts and class
-embeddings, and `materialize`s them once per checkpoint version.
+A CLIP method declares its parameters for a `ClipBackbone`, computes (differentiably, for
+training) its vision prompts and class embeddings, and `materialize`s them once per checkpoint
+version into a `Plan` (plans.py). Its default training objective is the cross-entropy of exactly
+the serving computation; methods with more to their loss (CoCoOp, dual-view, PromptSRC) refine
+`ClassifyObjective` in their own module.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from service.backbones.base import Capability
 from service.backbones.clip import ClipBackbone
 from service.backbones.prompted import Placement
-from service.errors import InvalidConfig
+from service.prompts.method import MethodBase, MethodConfig, Params, Step
+from service.prompts.plans import Plan
+from service.prompts.recipe import Recipe
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+C = TypeVar("C", bound=MethodConfig)
 
 
-@dataclass(frozen=True)
-class Signature:
-    """Placement and shapes of a plan's vision-side tokens: equal signatures share a pass.
+class PromptMethod(MethodBase[C], ABC):
+    """A CLIP prompt-learning method: parameters, initialization, objective, and its Plan."""
 
-    Biases are not part of it: a plan without biases joins a biased batch with zero biases, which
-    is a no-op. Tokens are: zero tokens are still attended to.
-    """
-
-    depth: int = 0
-    n_tokens: int = 0
-    placement: str = "append"
-
-
-PLAIN = Signature()
-
-
-class ClassHead(Protocol):
-    """An image-conditional classifier (CoCoOp): class embeddings per image."""
-
-    def __call__(self, image_features: Tensor) -> Tensor:
-        """Normalized image features `[B, e]` -> normalized class embeddings `[B, C, e]`."""
-        ...
-
-
-@dataclass(eq=False)
-class Plan:
-    """What a checkpoint version is at serving time; immutable once built."""
-
-    labels: tuple[str, ...]
-    logit_scale: float
-    classes: Tensor | None = None  # [C, e], L2-normalized
-    head: ClassHead | None = None  # image-conditional alternative to `classes`
-    vision_tokens: Tensor | None = None  # [L, n, d_vision]
-    vision_bias: Tensor | None = None  # [L, d_vision]
-    placement: Placement = "append"
-
-    def __post_init__(self) -> None:
-        if (self.classes is None) == (self.head is None):
-            raise ValueError("a Plan has exactly one of `classes` and `head`")
-
-    @property
-    def signature(self) -> Signature:
-        if self.vision_tokens is None:
-            return PLAIN
-        depth, n, _ = self.vision_tokens.shape
-        return Signature(depth, n, self.placement)
-
-    def logits(self, image_features: Tensor) -> Tensor:
-        """Logits `[B, C]` from normalized image features `[B, e]`: one matrix product."""
-        feats = image_features.to(torch.float32)
-        if self.classes is not None:
-            return self.logit_scale * feats @ self.classes.to(feats.device).t()
-        assert self.head is not None
-        per_image = self.head(feats)
-        return self.logit_scale * torch.einsum("be,bce->bc", feats, per_image)
-
-    def to(self, device: torch.device | str) -> Plan:
-        """The same plan with its tensors on `device` (residency moves plans between tiers)."""
-
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
-
-        move_head = getattr(self.head, "to", None)
-        head = move_head(device) if move_head is not None else self.head
-        return Plan(
-            labels=self.labels,
-            logit_scale=self.logit_scale,
-            classes=move(self.classes),
-            head=head,
-            vision_tokens=move(self.vision_tokens),
-            vision_bias=move(self.vision_bias),
-            placement=self.placement,
-        )
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the plan's tensors (what residency budgets count)."""
-        tensors = [self.classes, self.vision_tokens, self.vision_bias]
-        extra = getattr(self.head, "nbytes", 0)
-        return extra + sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-class MethodConfig(BaseModel):
-    """Base of every method's hyperparameters: unknown keys are errors, values are bounded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Params = Mapping[str, Tensor]
-
-
-class PromptMethod(ABC):
-    """One prompt-learning method: parameters, initialization, and how they become a Plan."""
-
-    name: ClassVar[str]
-    Config: ClassVar[type[MethodConfig]]
+    backbone_kind: ClassVar[str] = ClipBackbone.kind
+    task: ClassVar[Capability] = "classify"
     placement: ClassVar[Placement] = "append"
-    source: ClassVar[str] = ""
-
-    def config(self, raw: Mapping[str, Any] | None = None) -> Any:
-        """Validated config with the published defaults filled in."""
-        try:
-            return self.Config.model_validate(dict(raw or {}))
-        except ValidationError as exc:
-            raise InvalidConfig(f"invalid {self.name} config: {exc}") from exc
 
     @abstractmethod
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: C, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         """Name -> exact shape of every trainable tensor for this backbone (all float32)."""
 
     def init(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+        self, backbone: ClipBackbone, cfg: C, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         """Initial parameters; the default is N(0, 0.02), as the reference prompt learners do."""
         gen = torch.Generator().manual_seed(seed)
@@ -149,7 +53,7 @@ class PromptMethod(ABC):
         }
 
     def vision_prompts(
-        self, params: Params, backbone: ClipBackbone, cfg: Any
+        self, params: Params, backbone: ClipBackbone, cfg: C
     ) -> tuple[Tensor | None, Tensor | None]:
         """Deep vision tokens `[L, n, d]` and biases `[L, d]` (differentiable); none by default."""
         return None, None
@@ -159,7 +63,7 @@ class PromptMethod(ABC):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: C,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:
@@ -170,7 +74,7 @@ class PromptMethod(ABC):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: C,
         classnames: Sequence[str],
         templates: Sequence[str] = (),
     ) -> Plan:
@@ -188,6 +92,65 @@ class PromptMethod(ABC):
             vision_bias=None if bias is None else bias.detach(),
             placement=self.placement,
         )
+
+    def objective(
+        self,
+        backbone: ClipBackbone,
+        cfg: C,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        recipe: Recipe,
+        seed: int,
+    ) -> ClassifyObjective[C]:
+        """Cross-entropy of the serving logits (methods with more to their loss refine it)."""
+        return ClassifyObjective(self, backbone, cfg, classnames, templates, recipe, seed)
+
+
+class ClassifyObjective(Generic[C]):
+    """Cross-entropy over `(images, labels)` batches of the logits serving computes: image
+    features under the method's vision prompts against its class embeddings."""
+
+    def __init__(
+        self,
+        method: PromptMethod[C],
+        backbone: ClipBackbone,
+        cfg: C,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        recipe: Recipe,
+        seed: int,
+    ) -> None:
+        self.m, self.bb, self.cfg, self.recipe = method, backbone, cfg, recipe
+        self.classnames, self.templates = list(classnames), tuple(templates) or DEFAULT_TEMPLATES
+        self.scale = backbone.logit_scale
+        self.gen = torch.Generator().manual_seed(seed)  # for objectives that draw at random
+        self._fixed_classes: Tensor | None = None
+
+    def step(self, params: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Step:
+        """Loss and hits of one `(images, labels)` batch."""
+        images, labels = (t.to(self.bb.device) for t in batch)
+        loss, logits = self.loss(params, images, labels)
+        return Step(loss, float((logits.argmax(-1) == labels).sum()), len(labels))
+
+    def features(self, params: Params, images: Tensor) -> Tensor:
+        """Normalized image features `[B, e]` under the method's vision prompts."""
+        tokens, bias = self.m.vision_prompts(params, self.bb, self.cfg)
+        feats = self.bb.encode_image(images, tokens, bias, self.m.placement)
+        return F.normalize(feats.float(), dim=-1)
+
+    def classes(self, params: Params) -> Tensor:
+        """Class embeddings `[C, e]`; computed once when the text side is frozen (VPT)."""
+        if self._fixed_classes is not None:
+            return self._fixed_classes
+        out = self.m.class_embeddings(params, self.bb, self.cfg, self.classnames, self.templates)
+        if not out.requires_grad:  # a frozen text side (VPT, vision-only bias): compute once
+            self._fixed_classes = out.detach()
+        return out
+
+    def loss(self, params: Params, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Loss and logits `[B, C]` of one batch (on the backbone's device)."""
+        logits = self.scale * self.features(params, images) @ self.classes(params).t()
+        return F.cross_entropy(logits, labels), logits
 
 
 def default_linears(seed: int, n_in: int, n_out: int, count: int = 1) -> list[nn.Linear]:
@@ -260,7 +223,14 @@ def prompt_text(backbone: ClipBackbone, classnames: Sequence[str], prefix: str) 
     return PromptText(ids, emb, backbone.text.pool_index(ids))
 
 
-def context_size(cfg: Any) -> int:
+class ContextConfig(Protocol):
+    """The config of a CoOp-style context: its length and the phrase it starts from."""
+
+    n_ctx: int
+    ctx_init: str
+
+
+def context_size(cfg: ContextConfig) -> int:
     """Context tokens of a CoOp-style prompt: with an init phrase the reference counts its *words*
     (`len(ctx_init.split(" "))`); any extra BPE tokens of the phrase stay fixed after the
     context, exactly as there."""

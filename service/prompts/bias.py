@@ -9,15 +9,17 @@ checkpoint is exactly the plain backbone. The text side uses the hand-crafted te
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
-from service.prompts.base import MethodConfig, Params, PromptMethod, template_embeddings
+from service.prompts.base import PromptMethod, template_embeddings
+from service.prompts.method import MethodConfig, Params
+from service.prompts.recipe import Recipe
 
 
 class BiasConfig(MethodConfig):
@@ -26,13 +28,16 @@ class BiasConfig(MethodConfig):
     depth_text: int = Field(default=12, ge=1, le=64)
 
 
-class BiasTuning(PromptMethod):
+class BiasTuning(PromptMethod[BiasConfig]):
     name = "bias"
     Config = BiasConfig
+    recipe = Recipe(lr=0.0035, epochs=5, batch_size=4)  # IVLP's: no published config
     source = "Ma et al., Understanding the Multi-modal Prompts of the Pre-trained VLM (2312.11570)"
+    # the proving ground's domain shift is in the images
+    proving_config: ClassVar[Mapping[str, Any]] = {"towers": "vision"}
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: BiasConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         if cfg.towers in ("vision", "both"):
@@ -44,12 +49,12 @@ class BiasTuning(PromptMethod):
         return shapes
 
     def init(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+        self, backbone: ClipBackbone, cfg: BiasConfig, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         return {k: torch.zeros(s) for k, s in self.shapes(backbone, cfg, classnames).items()}
 
     def vision_prompts(
-        self, params: Params, backbone: ClipBackbone, cfg: Any
+        self, params: Params, backbone: ClipBackbone, cfg: BiasConfig
     ) -> tuple[Tensor | None, Tensor | None]:
         return None, params.get("vision_bias")
 
@@ -57,7 +62,7 @@ class BiasTuning(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: BiasConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:

@@ -8,8 +8,7 @@ ones (4 context tokens initialized from "a photo of a").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import Field
@@ -18,9 +17,7 @@ from torch import Tensor, nn
 from service.backbones.clip import ClipBackbone
 from service.prompts.base import (
     DEFAULT_TEMPLATES,
-    MethodConfig,
-    Params,
-    Plan,
+    ClassifyObjective,
     PromptMethod,
     PromptText,
     context_size,
@@ -30,6 +27,10 @@ from service.prompts.base import (
     phrase_vectors,
     prompt_text,
 )
+from service.prompts.dassl import Converted, PromptLearnerLayout, context_phrase, f32, learner, take
+from service.prompts.method import MethodConfig, Params
+from service.prompts.plans import Plan
+from service.prompts.recipe import Recipe
 
 
 class CoCoOpConfig(MethodConfig):
@@ -62,6 +63,13 @@ def conditional_classes(
     return normalize(feats).view(batch, n_cls, -1)
 
 
+def context_text(
+    backbone: ClipBackbone, cfg: CoCoOpConfig, classnames: Sequence[str]
+) -> PromptText:
+    """The frozen prompt embeddings the context is written into."""
+    return prompt_text(backbone, classnames, ctx_prefix(backbone, context_size(cfg), cfg.ctx_init))
+
+
 class CoCoOpHead:
     """The image-conditional head of a materialized CoCoOp checkpoint."""
 
@@ -81,13 +89,32 @@ class CoCoOpHead:
         return conditional_classes(self.backbone, params, self.text, image_features)
 
 
-class CoCoOp(PromptMethod):
+class CoCoOpLayout(PromptLearnerLayout):
+    """KaiyangZhou/CoOp's CoCoOp prompt learner: `ctx` and the meta-net's two layers."""
+
+    title = "CoCoOp"
+    KEYS = ("ctx", *(f"meta_net.linear{i}.{p}" for i in (1, 2) for p in ("weight", "bias")))
+
+    def prompt_keys(self, keys: set[str], prefix: str) -> tuple[list[str], set[str]]:
+        required = [prefix + k for k in self.KEYS]
+        return required, set(required)
+
+    def convert(self, state: Mapping[str, Tensor], ctx_init: str | None) -> Converted:
+        s = learner(state)
+        params = {k: f32(v) for k, v in s.items() if k == "ctx" or k.startswith("meta_net.")}
+        n = take(s, "ctx").shape[0]
+        return params, {"n_ctx": n, "ctx_init": context_phrase(ctx_init, n)}
+
+
+class CoCoOp(PromptMethod[CoCoOpConfig]):
     name = "cocoop"
     Config = CoCoOpConfig
+    recipe = Recipe(lr=0.002, epochs=10, batch_size=1)
     source = "Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)"
+    importer = CoCoOpLayout()
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: CoCoOpConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         e, d = backbone.embed_dim, backbone.text_width
         hidden = e // 16
@@ -100,7 +127,7 @@ class CoCoOp(PromptMethod):
         }
 
     def init(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+        self, backbone: ClipBackbone, cfg: CoCoOpConfig, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         e, d = backbone.embed_dim, backbone.text_width
         (first,), (second,) = (
@@ -120,22 +147,17 @@ class CoCoOp(PromptMethod):
             params["ctx"] = phrase_vectors(backbone, cfg.ctx_init, context_size(cfg))
         return params
 
-    def text(self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]) -> PromptText:
-        return prompt_text(
-            backbone, classnames, ctx_prefix(backbone, context_size(cfg), cfg.ctx_init)
-        )
-
     def class_embeddings(
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: CoCoOpConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:
         # Without an image the shift is the meta-net of a zero feature; training and serving
         # use `conditional_classes` instead. Kept for the contract (e.g. inspecting labels).
-        text = self.text(backbone, cfg, classnames)
+        text = context_text(backbone, cfg, classnames)
         zero = torch.zeros(1, backbone.embed_dim, device=backbone.device)
         return conditional_classes(backbone, params, text, zero)[0]
 
@@ -144,10 +166,36 @@ class CoCoOp(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: CoCoOpConfig,
         classnames: Sequence[str],
         templates: Sequence[str] = DEFAULT_TEMPLATES,
     ) -> Plan:
         params = {k: v.to(backbone.device) for k, v in params.items()}
-        head = CoCoOpHead(backbone, params, self.text(backbone, cfg, classnames))
+        head = CoCoOpHead(backbone, params, context_text(backbone, cfg, classnames))
         return Plan(labels=tuple(classnames), logit_scale=backbone.logit_scale, head=head)
+
+    def objective(
+        self,
+        backbone: ClipBackbone,
+        cfg: CoCoOpConfig,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        recipe: Recipe,
+        seed: int,
+    ) -> ClassifyObjective[CoCoOpConfig]:
+        """Cross-entropy of the image-conditional logits, as served by `CoCoOpHead`."""
+        return ConditionalObjective(self, backbone, cfg, classnames, templates, recipe, seed)
+
+
+class ConditionalObjective(ClassifyObjective[CoCoOpConfig]):
+    """Each image's own class embeddings (the meta-net's shift of the context)."""
+
+    _text: PromptText | None = None  # the frozen prompt embeddings: built once, not per step
+
+    def loss(self, params: Params, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.features(params, images)
+        if self._text is None:
+            self._text = context_text(self.bb, self.cfg, self.classnames)
+        per_image = conditional_classes(self.bb, params, self._text, feats)
+        logits = self.scale * torch.einsum("be,bce->bc", feats, per_image)
+        return nn.functional.cross_entropy(logits, labels), logits

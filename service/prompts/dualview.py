@@ -11,15 +11,15 @@ paper leaves the ensemble open; we choose the mean of the two normalized views, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
 from service.prompts.base import (
-    MethodConfig,
-    Params,
+    ClassifyObjective,
     PromptMethod,
     context_size,
     normalize,
@@ -27,6 +27,9 @@ from service.prompts.base import (
     template_embeddings,
 )
 from service.prompts.coop import context_prompts
+from service.prompts.losses import classwise_mix, view_mutual_information
+from service.prompts.method import MethodConfig, Params
+from service.prompts.recipe import Recipe
 
 
 class DualViewConfig(MethodConfig):
@@ -36,7 +39,7 @@ class DualViewConfig(MethodConfig):
 
 
 def soft_view(
-    params: Params, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+    params: Params, backbone: ClipBackbone, cfg: DualViewConfig, classnames: Sequence[str]
 ) -> Tensor:
     """The learnable view: normalized text features of the soft prompt."""
     return context_prompts(backbone, params["ctx"], classnames, cfg.ctx_init)
@@ -49,18 +52,20 @@ def hand_view(
     return template_embeddings(backbone, classnames, templates)
 
 
-class DualView(PromptMethod):
+class DualView(PromptMethod[DualViewConfig]):
     name = "dualview"
     Config = DualViewConfig
+    # CoOp's recipe (no published config), with the two terms of this method's loss
+    recipe = Recipe(lr=0.002, epochs=50, batch_size=32, mi_weight=1.0, augment_weight=1.0)
     source = "Zhang, Generalizable Prompt Tuning for Vision-Language Models (arXiv 2410.03189)"
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: DualViewConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         return {"ctx": (context_size(cfg), backbone.text_width)}
 
     def init(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+        self, backbone: ClipBackbone, cfg: DualViewConfig, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         params = super().init(backbone, cfg, classnames, seed)
         if cfg.ctx_init:
@@ -71,7 +76,7 @@ class DualView(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: DualViewConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:
@@ -79,3 +84,39 @@ class DualView(PromptMethod):
         soft = soft_view(params, backbone, cfg, classnames)
         hand = hand_view(backbone, classnames, templates)
         return normalize(w * soft + (1.0 - w) * hand)
+
+    def objective(
+        self,
+        backbone: ClipBackbone,
+        cfg: DualViewConfig,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        recipe: Recipe,
+        seed: int,
+    ) -> ClassifyObjective[DualViewConfig]:
+        """Cross-entropy, plus the views' mutual information and class-wise augmentation."""
+        return DualViewObjective(self, backbone, cfg, classnames, templates, recipe, seed)
+
+
+class DualViewObjective(ClassifyObjective[DualViewConfig]):
+    """The ensembled views' cross-entropy + `mi_weight` x the InfoNCE bound on the two views'
+    mutual information + `augment_weight` x the cross-entropy of class-wise mixed features."""
+
+    _hand: Tensor | None = None  # the frozen hand-crafted view: computed once
+
+    def loss(self, params: Params, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.features(params, images)
+        soft = soft_view(params, self.bb, self.cfg, self.classnames)
+        if self._hand is None:
+            with torch.no_grad():
+                self._hand = hand_view(self.bb, self.classnames, self.templates)
+        w = float(self.cfg.view_weight)
+        classes = F.normalize(w * soft + (1 - w) * self._hand, dim=-1)
+        logits = self.scale * feats @ classes.t()
+        mixed = classwise_mix(feats.detach(), labels, self.gen)
+        loss = (
+            F.cross_entropy(logits, labels)
+            + self.recipe.mi_weight * view_mutual_information(soft, self._hand)
+            + self.recipe.augment_weight * F.cross_entropy(self.scale * mixed @ classes.t(), labels)
+        )
+        return loss, logits

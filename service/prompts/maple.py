@@ -9,17 +9,16 @@ the phrase, "of a", stays as fixed words in the text prompt, as in the reference
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import re
+from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from service.backbones.clip import ClipBackbone
+from service.errors import ExtraTensor
 from service.prompts.base import (
-    MethodConfig,
-    Params,
     PromptMethod,
     ctx_prefix,
     default_linears,
@@ -27,6 +26,9 @@ from service.prompts.base import (
     phrase_vectors,
     prompt_text,
 )
+from service.prompts.dassl import LEARNER, Converted, DasslLayout, take
+from service.prompts.method import MethodConfig, Params
+from service.prompts.recipe import Recipe
 
 
 class MaPLeConfig(MethodConfig):
@@ -35,22 +37,64 @@ class MaPLeConfig(MethodConfig):
     ctx_init: str = Field(default="a photo of a", max_length=200)
 
 
-def _depth(backbone: ClipBackbone, cfg: Any) -> int:
+def _depth(backbone: ClipBackbone, cfg: MaPLeConfig) -> int:
     # Depth counts layers of both towers; a smaller backbone caps it at its own layer count.
     return min(int(cfg.depth), backbone.vision_layers, backbone.text_layers)
 
 
-def _uses_phrase(cfg: Any) -> bool:
+def _uses_phrase(cfg: MaPLeConfig) -> bool:
     return bool(cfg.ctx_init) and cfg.n_ctx <= 4
 
 
-class MaPLe(PromptMethod):
+class MaPLeLayout(DasslLayout):
+    """The whole model: `prompt_learner.ctx`, `proj.*`, and per deeper layer i
+    `compound_prompts_text.i` and `compound_prompt_projections.i.*`."""
+
+    title = "MaPLe"
+    DEEP = re.compile(
+        r"^prompt_learner\.compound_prompt(s_text\.\d+|_projections\.\d+\.(weight|bias))$"
+    )
+
+    def prompt_keys(self, keys: set[str], prefix: str) -> tuple[list[str], set[str]]:
+        required = [prefix + k for k in ("ctx", "proj.weight", "proj.bias")]
+        return required, set(required) | {k for k in keys if self.DEEP.match(k)}
+
+    def convert(self, state: Mapping[str, Tensor], ctx_init: str | None) -> Converted:
+        pre = LEARNER
+        ctx = take(state, pre + "ctx")
+        params = {
+            "ctx": ctx,
+            "proj.weight": take(state, pre + "proj.weight"),
+            "proj.bias": take(state, pre + "proj.bias"),
+        }
+        depth = 1 + sum(1 for k in state if k.startswith(pre + "compound_prompts_text."))
+        deeper = range(depth - 1)
+        proj = [f"{pre}compound_prompt_projections.{i}" for i in deeper]
+        expected = {f"{pre}compound_prompts_text.{i}" for i in deeper}
+        expected |= {p + suffix for p in proj for suffix in (".weight", ".bias")}
+        unused = sorted(
+            k for k in state if k.startswith(pre + "compound_prompt") and k not in expected
+        )
+        if unused:
+            raise ExtraTensor(f"maple prompts beyond its {depth} layers: {', '.join(unused)}")
+        if depth > 1:
+            text = [take(state, f"{pre}compound_prompts_text.{i}") for i in deeper]
+            params["deep_text"] = torch.stack(text)
+            params["deep_proj.weight"] = torch.stack([take(state, p + ".weight") for p in proj])
+            params["deep_proj.bias"] = torch.stack([take(state, p + ".bias") for p in proj])
+        phrase = "a photo of a" if ctx_init is None else ctx_init
+        return params, {"n_ctx": ctx.shape[0], "depth": depth, "ctx_init": phrase}
+
+
+class MaPLe(PromptMethod[MaPLeConfig]):
     name = "maple"
     Config = MaPLeConfig
+    recipe = Recipe(lr=0.0035, epochs=5, batch_size=4)
     source = "Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023)"
+    importer = MaPLeLayout()
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: MaPLeConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         depth = _depth(backbone, cfg)
         n, dt, dv = cfg.n_ctx, backbone.text_width, backbone.vision_width
@@ -69,7 +113,7 @@ class MaPLe(PromptMethod):
         return shapes
 
     def init(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str], seed: int = 0
+        self, backbone: ClipBackbone, cfg: MaPLeConfig, classnames: Sequence[str], seed: int = 0
     ) -> dict[str, Tensor]:
         params = super().init(backbone, cfg, classnames, seed)
         dt, dv = backbone.text_width, backbone.vision_width
@@ -89,7 +133,7 @@ class MaPLe(PromptMethod):
         return torch.cat([ctx, params["deep_text"]]) if "deep_text" in params else ctx
 
     def vision_prompts(
-        self, params: Params, backbone: ClipBackbone, cfg: Any
+        self, params: Params, backbone: ClipBackbone, cfg: MaPLeConfig
     ) -> tuple[Tensor | None, Tensor | None]:
         first = nn.functional.linear(params["ctx"], params["proj.weight"], params["proj.bias"])
         layers = [first[None]]
@@ -102,7 +146,7 @@ class MaPLe(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: MaPLeConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:

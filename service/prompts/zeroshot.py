@@ -7,14 +7,14 @@ CLIP's 80-template ImageNet ensemble (shipped by open_clip as OPENAI_IMAGENET_TE
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from open_clip import OPENAI_IMAGENET_TEMPLATES
 from pydantic import Field, field_validator
 from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
-from service.prompts.base import MethodConfig, Params, PromptMethod, template_embeddings
+from service.prompts.base import PromptMethod, template_embeddings
+from service.prompts.method import MethodConfig, Params
 
 # The CoOp benchmark's hand-crafted prompt per dataset (the "CLIP" rows of its tables).
 DATASET_TEMPLATES: dict[str, str] = {
@@ -55,13 +55,15 @@ class ZeroShotConfig(MethodConfig):
         return v
 
 
-class ZeroShot(PromptMethod):
+class ZeroShot(PromptMethod[ZeroShotConfig]):
+    """Nothing to train (no recipe): a checkpoint names its classes and templates."""
+
     name = "zeroshot"
     Config = ZeroShotConfig
     source = "Radford et al. 2021 (CLIP); templates from KaiyangZhou/CoOp and open_clip"
 
     def shapes(
-        self, backbone: ClipBackbone, cfg: Any, classnames: Sequence[str]
+        self, backbone: ClipBackbone, cfg: ZeroShotConfig, classnames: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         return {}
 
@@ -69,7 +71,7 @@ class ZeroShot(PromptMethod):
         self,
         params: Params,
         backbone: ClipBackbone,
-        cfg: Any,
+        cfg: ZeroShotConfig,
         classnames: Sequence[str],
         templates: Sequence[str],
     ) -> Tensor:

@@ -1,10 +1,15 @@
-"""Resolve a run's dataset spec into training batches and evaluation sets (`RunData`)."""
+"""Resolve a run's dataset spec into training batches and evaluation sets (`RunData`).
+
+Which dataset kinds a method can train on follows from what its plans serve (`Method.task`):
+labeled images for classification, conversations for instruction answering.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,10 +17,27 @@ from torch import Tensor
 from service import errors
 from service.backbones.clip import ClipBackbone
 from service.images import ImageLimits, decode_base64
+from service.prompts.method import Method
 from service.training import data
 from service.training.runs import EvalSet, RunData, TrainSpec, UploadedImage
 
 EVAL_BATCH = 64
+KINDS: dict[str, tuple[str, ...]] = {  # what a method's task trains on (DatasetSpec.kind)
+    "classify": ("image_folder", "coop_split", "proving_ground", "upload"),
+    "answer": ("llava_json",),
+}
+
+
+def check_kind(method: Method[Any, Any, Any], spec: TrainSpec) -> None:
+    """Refuse a dataset the method's objective cannot learn from (before anything is read)."""
+    kinds = KINDS.get(method.task, ())
+    if spec.dataset.kind not in kinds:
+        raise errors.InvalidContent(
+            f"{method.name} trains on dataset kind {' or '.join(map(repr, kinds))}, not "
+            f"{spec.dataset.kind!r}"
+        )
+    if spec.dataset.kind == "llava_json" and not spec.dataset.split_file:
+        raise errors.InvalidContent("dataset kind 'llava_json' needs split_file = the JSON file")
 
 
 def _batches(ds: data.LabeledSet, transform: data.Transform, size: int, shuffle: bool, seed: int):
@@ -26,9 +48,13 @@ def _batches(ds: data.LabeledSet, transform: data.Transform, size: int, shuffle:
     return gen
 
 
-def load_data(spec: TrainSpec, backbone: ClipBackbone, batch_size: int) -> RunData:
+def load_data(spec: TrainSpec, backbone: Any, batch_size: int) -> RunData:
     """Training batches (K-shot, augmented like the reference) and test sets for a spec."""
     ds = spec.dataset
+    if ds.kind == "llava_json":
+        from service.training import conversations
+
+        return conversations.load_data(spec, backbone, batch_size)
     if ds.kind == "proving_ground":
         return _proving_ground(spec, backbone, batch_size)
     if ds.kind == "upload":

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from service.backbones.clip import ClipBackbone
 from service.engine.forward import classify
-from service.prompts.base import Plan
+from service.prompts.plans import Plan
 
 
 @torch.no_grad()

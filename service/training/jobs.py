@@ -37,12 +37,12 @@ from rq.utils import now
 
 import prompts_store as ps
 from service import errors
-from service.backbones.clip import load_clip
+from service.backbones.base import Backbone
+from service.backbones.registry import load_backbone
 from service.prompts import get_method
 from service.settings import Settings
 from service.training import job_history
-from service.training.datasets import load_data, uploaded
-from service.training.recipes import RECIPES
+from service.training.datasets import check_kind, load_data, uploaded
 from service.training.runs import DataLoaderFn, TrainSpec, run, summary
 from service.training.trainer import Cancelled
 
@@ -197,27 +197,17 @@ class JobQueue:
 
 
 def check_spec(spec: TrainSpec) -> None:
-    """What can be refused before a job is queued: method, config, recipe, uploaded images."""
-    if spec.method == "m2pt":  # instruction tuning on LLaVA: its own recipe and data
-        from service.generative.m2pt import M2PT
-        from service.generative.training import M2PT_RECIPE
-
-        M2PT().config(spec.method_config)  # InvalidConfig (422)
-        try:
-            M2PT_RECIPE.with_overrides(spec.recipe)
-        except (ValueError, TypeError) as exc:
-            raise errors.InvalidContent(f"recipe: {exc}") from exc
-        if spec.dataset.kind != "llava_json" or not spec.dataset.split_file:
-            raise errors.InvalidContent("m2pt needs dataset kind 'llava_json' with split_file")
-        return
+    """What can be refused before a job is queued: method, config, recipe, dataset kind, and the
+    uploaded images (the data files are the worker's to read)."""
     method = get_method(spec.method)  # UnknownMethod (422)
-    if spec.method not in RECIPES:
+    if method.recipe is None:
         raise errors.InvalidContent(f"method {spec.method!r} has nothing to train")
     method.config(spec.method_config)  # InvalidConfig (422)
     try:
-        RECIPES[spec.method].with_overrides(spec.recipe)
+        method.recipe.with_overrides(spec.recipe)
     except (ValueError, TypeError) as exc:
         raise errors.InvalidContent(f"recipe: {exc}") from exc
+    check_kind(method, spec)
     if spec.dataset.kind == "upload":
         uploaded(spec)  # decodes every image: a bad one is a 4xx now, not a failed job later
 
@@ -261,7 +251,7 @@ def settle_cancelled(job: Job) -> None:
 class JobContext:
     """What a run needs besides its spec; built once per worker process."""
 
-    backbone: Any  # a ClipBackbone, or a LlavaBackbone for M²PT jobs
+    backbone: Backbone
     store: ps.PromptStore
     load_data: DataLoaderFn
     out_dir: Path | None = None
@@ -295,19 +285,7 @@ def context_from_settings(
     """Backbone and store from settings (default: PROMPTSERVE_* variables), real datasets;
     `out_dir` keeps each run's curves and run.json."""
     s = settings or Settings()
-    backbone: Any
-    if s.backbone == "llava":  # a worker for M²PT jobs
-        from service.backbones.llava import load_llava
-
-        backbone = load_llava(
-            s.model, s.pretrained, device=s.device, precision=s.precision, cache_dir=s.cache_dir
-        )
-    else:
-        backbone = load_clip(
-            s.model, s.pretrained, model_config=s.model_config_path, device=s.device,
-            precision=s.precision, cache_dir=s.cache_dir,
-        )  # fmt: skip
-    return JobContext(backbone, ps.open_store(s.store), load_data, out_dir)
+    return JobContext(load_backbone(s), ps.open_store(s.store), load_data, out_dir)
 
 
 class _Heartbeat:

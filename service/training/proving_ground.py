@@ -36,7 +36,7 @@ from torch import Tensor
 from service.backbones.clip import ClipBackbone, load_clip
 from service.engine.forward import classify
 from service.prompts import get_method
-from service.prompts.base import Plan
+from service.prompts.plans import Plan
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 import prompts_store as ps
-from service.backbones.clip import ClipBackbone
-from service.checkpoints import NAME_PATTERN, dump, new_manifest
-from service.engine.publish import Published, publish
-from service.engine.store_errors import store_errors
+from service.backbones.base import Backbone
+from service.checkpoints import NAME_PATTERN, check_backbone, dump, new_manifest
+from service.checkpoints.publish import Published, publish
+from service.checkpoints.store_errors import store_errors
+from service.errors import InvalidContent
 from service.prompts import get_method
 from service.training.curves import save_curves
 from service.training.evaluate import harmonic_mean
-from service.training.recipes import RECIPES
 from service.training.trainer import Batches, Progress, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -78,38 +78,22 @@ class TrainSpec(BaseModel):
 
 @dataclass
 class EvalSet:
-    """Labeled evaluation images, batched."""
+    """Evaluation data, batched as the method's objective takes it (labeled images for the
+    classification methods)."""
 
     classnames: list[str]
-    batches: Callable[[], Iterable[tuple[Tensor, Tensor]]]
+    batches: Callable[[], Iterable[Any]]
 
 
-@dataclass
-class RunData:
-    """A dataset resolved for one run: training batches, evaluation sets, identity."""
-
-    classnames: list[str]
-    train: Batches
-    evals: dict[str, EvalSet]
-    identity: dict[str, Any]
-
-
-@dataclass
-class RunResult:
-    published: Published
-    metrics: dict[str, Any]
-    result: TrainResult
-    curves: Path | None
-
-
-DataLoaderFn = Callable[[TrainSpec, ClipBackbone, int], RunData]
+Scorer = Callable[[Any, TrainSpec, dict[str, Tensor], dict[str, EvalSet]], dict[str, Any]]
 
 
 @torch.no_grad()
 def evaluate_sets(
-    backbone: ClipBackbone, spec: TrainSpec, params: dict[str, Tensor], evals: dict[str, EvalSet]
+    backbone: Any, spec: TrainSpec, params: dict[str, Tensor], evals: dict[str, EvalSet]
 ) -> dict[str, Any]:
-    """Accuracy per evaluation set (params materialized with that set's class names)."""
+    """Accuracy per evaluation set of labeled images (params materialized with that set's class
+    names, classified through the serving forward)."""
     from service.engine.forward import classify
 
     method = get_method(spec.method)
@@ -145,9 +129,32 @@ def evaluate_sets(
     return metrics
 
 
+@dataclass
+class RunData:
+    """A dataset resolved for one run: training batches, evaluation sets, identity, and how the
+    trained parameters are scored on the evaluation sets (accuracy, unless the data says)."""
+
+    classnames: list[str]
+    train: Batches
+    evals: dict[str, EvalSet]
+    identity: dict[str, Any]
+    score: Scorer = evaluate_sets
+
+
+@dataclass
+class RunResult:
+    published: Published
+    metrics: dict[str, Any]
+    result: TrainResult
+    curves: Path | None
+
+
+DataLoaderFn = Callable[[TrainSpec, Any, int], RunData]
+
+
 def run(
     spec: TrainSpec,
-    backbone: ClipBackbone,
+    backbone: Backbone,
     store: ps.PromptStore,
     load_data: DataLoaderFn,
     *,
@@ -156,9 +163,11 @@ def run(
     should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Train, evaluate and publish one checkpoint; raises (publishing nothing) on failure."""
-    if spec.method == "m2pt":  # instruction tuning on LLaVA: its own data, loss and trainer
-        return _run_m2pt(spec, backbone, store, progress, should_stop)
-    recipe = RECIPES[spec.method].with_overrides(spec.recipe)
+    method = get_method(spec.method)
+    check_backbone(method, backbone)
+    if method.recipe is None:
+        raise InvalidContent(f"method {spec.method!r} has nothing to train")
+    recipe = method.recipe.with_overrides(spec.recipe)
     data = load_data(spec, backbone, recipe.batch_size)
     result = train(
         spec.method,
@@ -172,7 +181,7 @@ def run(
         progress=progress,
         should_stop=should_stop,
     )
-    metrics = evaluate_sets(backbone, spec, result.params, data.evals)
+    metrics = data.score(backbone, spec, result.params, data.evals)
     metrics["train_seconds"] = round(result.seconds, 2)
     metrics["final_train_loss"] = result.history[-1]["loss"] if result.history else None
     with store_errors():
@@ -224,19 +233,3 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
         elif not isinstance(value, dict):
             out[key] = value
     return out
-
-
-def _run_m2pt(
-    spec: TrainSpec,
-    backbone: Any,
-    store: ps.PromptStore,
-    progress: Progress | None,
-    should_stop: Callable[[], bool] | None,
-) -> RunResult:
-    from service.generative.training import M2PT_RECIPE, run_m2pt
-
-    published, metrics, params, history = run_m2pt(
-        spec, backbone, store, progress=progress, should_stop=should_stop
-    )
-    result = TrainResult("m2pt", spec.method_config, M2PT_RECIPE, params, history)
-    return RunResult(published, metrics, result, None)

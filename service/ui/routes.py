@@ -19,8 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from service import errors
-from service.api.deps import ReadAuth
-from service.settings import Settings
+from service.api.deps import ReadAuth, SettingsDep
 
 STATIC = Path(__file__).resolve().parent / "static"
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -92,37 +91,37 @@ def examples(folder: str | None) -> list[dict[str, Any]]:
     return out
 
 
-def router_for(settings: Settings) -> APIRouter:
-    """The console's routes (the static files are mounted by `install`)."""
-    router = APIRouter(include_in_schema=False)
-
-    @router.get("/")
-    async def root() -> RedirectResponse:
-        return RedirectResponse("/ui/", status_code=307)
-
-    @router.get("/ui")
-    async def ui() -> RedirectResponse:
-        return RedirectResponse("/ui/", status_code=307)
-
-    # The examples are the operator's files: they need a read key like everything else that
-    # holds data (the console fetches them with its Bearer header).
-    @router.get("/ui/examples.json")
-    async def example_list(_: ReadAuth) -> dict[str, Any]:
-        return {"examples": examples(settings.examples_dir)}
-
-    @router.get("/ui/examples/{file}")
-    async def example(file: str, _: ReadAuth) -> FileResponse:
-        # Only names the listing offers: no path from the URL ever reaches the filesystem.
-        match = next((e for e in examples(settings.examples_dir) if e["file"] == file), None)
-        if match is None or settings.examples_dir is None:
-            raise errors.NotFound(f"no example image {file[:80]!r}")
-        path = Path(settings.examples_dir) / match["file"]
-        return FileResponse(path, media_type=IMAGE_SUFFIXES[path.suffix.lower()])
-
-    return router
+router = APIRouter(include_in_schema=False)
 
 
-def install(app: FastAPI, settings: Settings) -> None:
+@router.get("/")
+async def root() -> RedirectResponse:
+    return RedirectResponse("/ui/", status_code=307)
+
+
+@router.get("/ui")
+async def ui() -> RedirectResponse:
+    return RedirectResponse("/ui/", status_code=307)
+
+
+# The examples are the operator's files: they need a read key like everything else that holds
+# data (the console fetches them with its Bearer header).
+@router.get("/ui/examples.json")
+async def example_list(_: ReadAuth, settings: SettingsDep) -> dict[str, Any]:
+    return {"examples": examples(settings.examples_dir)}
+
+
+@router.get("/ui/examples/{file}")
+async def example(file: str, _: ReadAuth, settings: SettingsDep) -> FileResponse:
+    # Only names the listing offers: no path from the URL ever reaches the filesystem.
+    match = next((e for e in examples(settings.examples_dir) if e["file"] == file), None)
+    if match is None or settings.examples_dir is None:
+        raise errors.NotFound(f"no example image {file[:80]!r}")
+    path = Path(settings.examples_dir) / match["file"]
+    return FileResponse(path, media_type=IMAGE_SUFFIXES[path.suffix.lower()])
+
+
+def install(app: FastAPI) -> None:
     """Add the console to `app`: its routes first, then its files at /ui/."""
-    app.include_router(router_for(settings))
+    app.include_router(router)
     app.mount("/ui", ConsoleFiles(directory=STATIC, html=True), name="console")

@@ -66,5 +66,5 @@ def upload(backbone) -> Callable[..., Any]:
 
 def store_state(client: TestClient) -> dict[str, Any]:
     """What the store holds (names, versions, pointers), to assert nothing changed."""
-    store = client.app.state.services.store
+    store = client.app.state.store
     return {n: (store.current(n), [v.version for v in store.versions(n)]) for n in store.names()}

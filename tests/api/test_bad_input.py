@@ -215,7 +215,7 @@ def test_full_queue_is_429_at_once(make_client, upload, backbone, monkeypatch):
     assert started.wait(10)  # the first request is in the encoder
     queued = threading.Thread(target=send)
     queued.start()
-    batcher = c.app.state.services.inference.batcher
+    batcher = c.app.state.engine.classifier.batcher
     deadline = time.monotonic() + 10
     while batcher.queue_depth < 1 and time.monotonic() < deadline:
         time.sleep(0.01)  # under load the second request takes a while to reach the queue

@@ -66,7 +66,7 @@ def test_a_page_reads_only_its_own_checkpoints(client, upload, monkeypatch):
     """With 10,000 names the cost must be the page's, not the store's: count the per-name reads."""
     for i in range(30):
         assert upload(client, f"ckpt-{i:03d}").status_code == 201
-    store = client.app.state.services.store
+    store = client.app.state.store
     calls: list[str] = []
     real = store.versions
 
@@ -191,8 +191,10 @@ def test_training_options_name_what_a_job_may_use(client):
     r = client.get("/v1/training/options")
     assert r.status_code == 200, r.text
     opts = r.json()
-    # every registered method but plain zero-shot (nothing to train) is offered
-    assert opts["methods"] == sorted(set(METHODS) - {"zeroshot"})
+    # every method a CLIP backbone trains is offered: not plain zero-shot (nothing to train),
+    # not the instruction-answering ones (another backbone), nor their dataset kind
+    assert opts["methods"] == sorted(set(METHODS) - {"zeroshot", "m2pt"})
     assert "proving_ground" in opts["datasets"] and "image_folder" in opts["datasets"]
+    assert "llava_json" not in opts["datasets"]
     assert opts["proving_ground"]["domains"] == list(pg.DOMAINS)
     assert opts["proving_ground"]["recipe"]["epochs"] >= 1

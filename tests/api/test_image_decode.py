@@ -25,8 +25,8 @@ def gif() -> bytes:
 def test_served_through_the_api(make_client):
     body = {"classnames": ["red", "blue"], "images": [b64(jpeg()), b64(png())]}
     cpu, dev = make_client(), make_client(image_decode="gpu")
-    assert cpu.app.state.services.inference.gpu_images is None  # the default: the exact path
-    assert dev.app.state.services.inference.gpu_images is not None
+    assert cpu.app.state.engine.classifier.gpu_images is None  # the default: the exact path
+    assert dev.app.state.engine.classifier.gpu_images is not None
     assert "CPU backbone" in dev.get("/readyz").json()["image_decode"]
     a, b = (c.post("/v1/classify", json=body) for c in (cpu, dev))
     assert a.status_code == b.status_code == 200

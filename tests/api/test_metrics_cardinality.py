@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.checkpoints import dump, new_manifest, parse
-from service.engine.publish import publish
+from service.checkpoints.publish import publish
 from tests.api.conftest import b64, png
 from tests.engine.test_residency import checkpoint
 
@@ -21,7 +21,7 @@ def series(client) -> set[tuple[str, tuple]]:
 
 
 def test_1000_checkpoints_and_1000_unknown_names_add_no_series(client, backbone):
-    store = client.app.state.services.store
+    store = client.app.state.store
     names = [f"ckpt-{i}" for i in range(1000)]
     ckpt = parse(checkpoint(backbone, name="template"))
     m = ckpt.manifest

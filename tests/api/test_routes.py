@@ -66,7 +66,7 @@ def test_zero_shot_with_ad_hoc_classes_is_cached(client):
     res = r.json()["results"][0]
     assert res["checkpoint"] is None and res["method"] == "zeroshot"
     assert {p["label"] for p in res["predictions"][0]} == {"cat", "dog", "car"}
-    cache = client.app.state.services.inference.zeroshot
+    cache = client.app.state.engine.classifier.zeroshot
     client.post("/v1/classify", json=body)
     assert (cache.misses, cache.hits) == (1, 1)
 

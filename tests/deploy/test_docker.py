@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from service.cli import build_parser
+from service.cli import ServeCommand, WorkerCommand, parse
 from tests.deploy.common import (
     DEPLOY,
     ROOT,
@@ -94,7 +94,7 @@ def test_healthcheck_and_default_command_match_the_app(stages):
     entry = json.loads(instrs(stages[-1], "ENTRYPOINT")[0])
     cmd = json.loads(instrs(stages[-1], "CMD")[0])
     assert entry == ["promptserve"] and cmd == ["serve"]
-    assert build_parser().parse_args(cmd).command == "serve"
+    assert isinstance(parse(cmd), ServeCommand)
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'promptserve = "service.cli:main"' in pyproject
 
@@ -152,8 +152,8 @@ def test_api_and_worker_run_the_same_image(compose):
     assert (DEPLOY / api["build"]["context"] / api["build"]["dockerfile"]).resolve() == (
         ROOT / "Dockerfile"
     )
-    assert build_parser().parse_args(worker["command"]).command == "worker"
-    assert build_parser().parse_args(api["command"]).command == "serve"
+    assert isinstance(parse(worker["command"]), WorkerCommand)
+    assert isinstance(parse(api["command"]), ServeCommand)
     for svc in (api, worker):  # a GPU each
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in d["capabilities"] for d in devices)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from service.cli import build_parser
+from service.cli import parse
 from tests.deploy.common import DEPLOY, ROOT
 
 GUIDE = (DEPLOY / "README.md").read_text()
@@ -17,7 +17,7 @@ def test_every_promptserve_command_in_the_guide_parses():
     assert len(commands) >= 6, commands
     for command in commands:
         args = shlex.split(command)[1:]
-        build_parser().parse_args(args)  # exits (SystemExit) on an unknown command or flag
+        parse(args)  # exits (SystemExit) on an unknown command or flag
 
 
 def test_the_guide_covers_operations_and_names_real_files():

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.cli import build_parser
+from service.cli import ServeCommand, WorkerCommand, parse
 from tests.deploy.common import DEPLOY, check_env, redis_directives, routes
 
 K8S = DEPLOY / "kubernetes"
@@ -87,7 +87,7 @@ def test_api_probes_ports_and_gpu_match_the_app(objects):
         get = c[probe]["httpGet"]
         assert get == {"path": path, "port": "http"} and ("GET", path) in routes()
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert build_parser().parse_args(c["args"]).command == "serve"
+    assert isinstance(parse(c["args"]), ServeCommand)
     assert api["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert env["PROMPTSERVE_STORE"] == "redis://:$(REDIS_PASSWORD)@redis:6379/0"
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -112,7 +112,7 @@ def test_worker_runs_the_api_image_on_the_same_store(objects):
     api = container(objects[("Deployment", "promptserve-api")])
     worker = container(objects[("Deployment", "promptserve-worker")])
     assert worker["image"] == api["image"]
-    assert build_parser().parse_args(worker["args"]).command == "worker"
+    assert isinstance(parse(worker["args"]), WorkerCommand)
     assert env_of(worker, objects)["PROMPTSERVE_STORE"] == env_of(api, objects)["PROMPTSERVE_STORE"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
 

@@ -17,7 +17,7 @@ from service import errors
 from service.engine.batcher import Batcher
 from service.engine.forward import encode
 from service.prompts import get_method
-from service.prompts.base import Plan
+from service.prompts.plans import Plan
 
 DUMMY = Plan(labels=("a", "b"), logit_scale=1.0, classes=torch.eye(2, 4))
 

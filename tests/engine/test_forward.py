@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.forward import classify, encode, group_by_signature
+from service.engine.forward import classify, encode, gather_prompts, group, signature
 from service.prompts import get_method
 
 
@@ -68,7 +68,7 @@ def test_text_only_and_bias_only_plans_share_the_plain_pass(
         _plan(backbone, "bias", classnames, 3, {"towers": "vision", "depth_vision": 1}),
         _plan(backbone, "dualview", classnames, 4),
     ]
-    assert len(group_by_signature(plans)) == 1
+    assert len(group(plans, signature)) == 1
     alone = [classify(backbone, images[i : i + 1], [plans[i]])[0] for i in range(5)]
     counter = Counter(backbone.encode_image)
     monkeypatch.setattr(backbone, "encode_image", counter)
@@ -86,7 +86,7 @@ def test_different_signatures_get_one_pass_each(backbone, images, classnames, mo
         _plan(backbone, "vpt", classnames, 1),
         _plan(backbone, "cocoop", classnames, 0),
     ]
-    assert len(group_by_signature(plans)) == 3
+    assert len(group(plans, signature)) == 3
     alone = [encode(backbone, images[i : i + 1], [plans[i]])[0] for i in range(5)]
     counter = Counter(backbone.encode_image)
     monkeypatch.setattr(backbone, "encode_image", counter)
@@ -113,3 +113,23 @@ def test_cocoop_runs_one_text_pass_per_batch(backbone, images, classnames):
     before = backbone.text_calls
     classify(backbone, images, [plan] * len(images))
     assert backbone.text_calls == before + 1  # B x C conditional prompts in one pass
+
+
+def test_one_checkpoints_prompts_are_broadcast_not_copied(backbone, images, classnames):
+    """A batch of one checkpoint hands the forward the plan's own tensors (no [B, ...] copy),
+    with the same result as per-row tensors, bit for bit on the same machine."""
+    plan = _plan(backbone, "bias", classnames, 0)
+    deep = _plan(backbone, "maple", classnames, 0, {"depth": 2})
+    for p in (plan, deep):
+        tokens, bias = gather_prompts([p] * len(images))
+        assert tokens is p.vision_tokens and bias is p.vision_bias
+        rows = (
+            None if tokens is None else tokens.expand(len(images), *tokens.shape).clone(),
+            None if bias is None else bias.expand(len(images), *bias.shape).clone(),
+        )
+        shared = backbone.encode_image(images, tokens, bias, p.placement)
+        stacked = backbone.encode_image(images, *rows, p.placement)
+        assert torch.equal(shared, stacked)
+    other = _plan(backbone, "bias", classnames, 1)
+    tokens, bias = gather_prompts([plan, other])  # two checkpoints: rows of their own
+    assert tokens is None and bias is not None and bias.shape[0] == 2

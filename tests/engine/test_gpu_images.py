@@ -252,12 +252,13 @@ def outcome(fn):
 
 @pytest.mark.parametrize("kind", list(BAD))
 def test_bad_images_get_the_cpu_paths_error(backbone, kind):
-    from service.engine.inference import Inference
+    from service.api.frontend import FrontEnd
+    from service.engine.protocol import ImageInput
 
     good = ROUTES["baseline"][0]
     items = [good, BAD[kind]]
-    cpu = Inference.__new__(Inference)  # only decode() and its fields are used
-    cpu.backbone, cpu.limits, cpu.max_images, cpu.gpu_images = backbone, LIMITS, 8, None
+    side = backbone.image_size[0]
+    cpu = FrontEnd(None, ImageInput(backbone.preprocess, side), LIMITS, 8, 30.0)  # type: ignore[arg-type]
     expected = outcome(lambda: cpu.decode(items))
     got = outcome(lambda: gi.GpuImages(backbone).decode(items, LIMITS))
     assert got == expected

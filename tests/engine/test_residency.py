@@ -12,10 +12,11 @@ import torch
 from prompts_store import open_store
 from service import errors
 from service.checkpoints import dump, new_manifest
+from service.checkpoints.publish import publish
 from service.engine.forward import classify
-from service.engine.publish import publish
 from service.engine.residency import Residency
 from service.prompts import get_method
+from service.prompts.plans import Plan
 from tests.conftest import CLASSNAMES
 from tests.redis_server import _start_server
 
@@ -47,7 +48,7 @@ def store(tmp_path):
 
 @pytest.fixture
 def residency(store, backbone):
-    r = Residency(store, backbone)
+    r = Residency(store, backbone, Plan)
     yield r
     r.close()
 
@@ -135,8 +136,8 @@ def test_bad_version_never_replaces_a_good_one(
 def test_lru_tiers_demote_then_evict(store, backbone):
     for i in range(5):
         publish(store, backbone, checkpoint(backbone, name=f"ds{i}", seed=i))
-    size = Residency(store, backbone).resolve("ds0").nbytes
-    r = Residency(store, backbone, device_budget=2 * size, host_budget=2 * size)
+    size = Residency(store, backbone, Plan).resolve("ds0").nbytes
+    r = Residency(store, backbone, Plan, device_budget=2 * size, host_budget=2 * size)
     for i in range(5):
         r.resolve(f"ds{i}")
     assert (r.stats.loads, r.stats.demotions, r.stats.evictions) == (5, 3, 1)
@@ -183,7 +184,7 @@ def test_upload_is_validated_before_the_store_sees_it(store, backbone, other_bac
 def test_redis_down_keeps_serving_and_recovers(backbone, tmp_path: Path, images):
     server = _start_server(tmp_path, persist=True)
     store = open_store(server.url)
-    residency = Residency(store, backbone)
+    residency = Residency(store, backbone, Plan)
     try:
         publish(store, backbone, checkpoint(backbone, name="a", seed=1))
         publish(store, backbone, checkpoint(backbone, name="b", seed=2))

@@ -18,9 +18,8 @@ SHAPE = (4, 5, 3)
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(
-        0, 256, (n, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
-    )
+    # float32 slots hold the preprocessed images; any float values round-trip bit for bit
+    return torch.randn((n, *SHAPE), generator=torch.Generator().manual_seed(seed))
 
 
 def _read_in_child(name: str, count: int, slots: list[int], directory: str, out) -> None:
@@ -42,7 +41,7 @@ def test_slots_written_here_are_read_by_another_process(tmp_path):
             target=_read_in_child, args=(pool.name, 8, slots, str(tmp_path), child)
         )
         proc.start()
-        got = torch.tensor(parent.recv(), dtype=torch.uint8)
+        got = torch.tensor(parent.recv(), dtype=torch.float32)
         proc.join(30)
         assert torch.equal(got, batch)
     finally:
@@ -73,9 +72,9 @@ def test_wrong_shapes_are_refused(tmp_path):
     pool = SlotPool("promptserve-1-y", 2, SHAPE, tmp_path)
     try:
         with pytest.raises(ValueError):
-            pool.put(torch.zeros(1, 4, 4, 3, dtype=torch.uint8))
+            pool.put(torch.zeros(1, 4, 4, 3))
         with pytest.raises(ValueError):
-            pool.put(torch.zeros(1, *SHAPE))  # float
+            pool.put(torch.zeros(1, *SHAPE, dtype=torch.float64))
     finally:
         pool.close()
 

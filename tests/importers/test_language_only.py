@@ -11,8 +11,7 @@ from service.checkpoints import dump, load, materialize, new_manifest
 from service.engine.forward import classify
 from service.errors import ExtraTensor, InvalidConfig
 from service.prompts import get_method
-from service.prompts.base import PLAIN
-from service.training.recipes import RECIPES
+from service.prompts.plans import PLAIN
 from service.training.trainer import tensor_batches, train
 
 LANGUAGE_ONLY = {"n_ctx_vision": 0, "depth_vision": 0, "n_ctx_text": 4, "depth_text": 3}
@@ -66,7 +65,7 @@ def test_a_vision_tensor_in_a_language_only_checkpoint_is_refused(backbone, clas
 def test_language_only_trains(backbone, classnames):
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.randn(16, 3, 32, 32, generator=gen), torch.arange(16) % 4
-    recipe = RECIPES["ivlp"].with_overrides(
+    recipe = get_method("ivlp").recipe.with_overrides(
         {"epochs": 4, "warmup_epochs": 0, "batch_size": 8, "lr": 0.05, "optimizer": "adamw"}
     )
     result = train("ivlp", backbone, tensor_batches(images, labels, 8), classnames,

@@ -13,8 +13,8 @@ from service.errors import (
     MalformedCheckpoint,
     MissingTensor,
 )
-from service.importers.dassl import coop_class_position
 from service.importers.layouts import choose_method, detect_method
+from service.prompts.coop import class_token_position as coop_class_position
 
 FROZEN = {"image_encoder.conv1.weight", "text_encoder.ln_final.weight", "logit_scale"}
 ZS = {"prompt_learner.ZS_image_encoder.conv1.weight"}

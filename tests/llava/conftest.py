@@ -130,7 +130,7 @@ def data_uri(color: tuple[int, int, int]) -> str:
 def m2pt_blob(llava: LlavaBackbone, name: str = "shapes", seed: int = 4, **cfg: object) -> bytes:
     """An M²PT checkpoint with large random prompts (visibly changes the answers)."""
     from service.checkpoints import BackboneRef, Manifest, dump
-    from service.generative.m2pt import M2PT
+    from service.prompts.m2pt import M2PT
 
     method = M2PT()
     config = method.config(cfg)

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from prompts_store import open_store
 from service.app import create_app
 from service.backbones.llava import LlavaBackbone
-from service.engine.publish import publish
-from service.generative.engine import GenerationEngine, Sampling
-from service.generative.m2pt import M2PT, PLAIN_GEN_PLAN
-from service.generative.service import user_message
+from service.checkpoints.publish import publish
+from service.engine.answering import user_message
+from service.engine.generation import GenerationEngine, Sampling
+from service.prompts.m2pt import M2PT, PLAIN_ANSWER_PLAN
 from service.settings import Settings
 from tests.llava.conftest import data_uri, m2pt_blob
 
@@ -205,7 +205,9 @@ def test_queue_bound_is_a_429(llava: LlavaBackbone) -> None:
         ids = llava.encode_chat(user_message("hi", False), 0)
 
         def submit() -> asyncio.Future[object]:
-            return asyncio.ensure_future(engine.complete(ids, None, PLAIN_GEN_PLAN, Sampling(60)))
+            return asyncio.ensure_future(
+                engine.complete(ids, None, PLAIN_ANSWER_PLAN, Sampling(60))
+            )
 
         slow = [submit()]
         while not engine.batches:  # the first is running
@@ -214,7 +216,7 @@ def test_queue_bound_is_a_429(llava: LlavaBackbone) -> None:
         while engine.queue_depth < 1:  # the second is waiting
             await asyncio.sleep(0.001)
         with pytest.raises(Overloaded):
-            await engine.complete(ids, None, PLAIN_GEN_PLAN, Sampling(1))
+            await engine.complete(ids, None, PLAIN_ANSWER_PLAN, Sampling(1))
         assert [len(t) for t, _ in await asyncio.gather(*slow)] == [60, 60]  # type: ignore[misc]
         await engine.stop()
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.backbones.llava import LlavaBackbone, load_llava
 from service.errors import WeightsUnavailable
-from service.generative.m2pt import M2PT, batch_prompts
+from service.prompts.m2pt import M2PT, batch_prompts
 
 QUESTIONS = ["what is in the image?", "describe the colour of the shape in a few words please."]
 

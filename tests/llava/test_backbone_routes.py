@@ -15,7 +15,7 @@ from service.app import create_app
 from service.backbones.clip import ClipBackbone
 from service.backbones.llava import LlavaBackbone
 from service.checkpoints import BackboneRef, Manifest, dump
-from service.generative.m2pt import M2PT
+from service.prompts.m2pt import M2PT
 from service.settings import Settings
 from tests.llava.conftest import data_uri, m2pt_blob
 

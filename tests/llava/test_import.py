@@ -19,8 +19,8 @@ from service.backbones.llava import LlavaBackbone
 from service.checkpoints import materialize
 from service.cli import main
 from service.errors import InvalidContent, MalformedCheckpoint
-from service.generative.m2pt import M2PT, batch_prompts
 from service.importers.m2pt import import_m2pt
+from service.prompts.m2pt import M2PT, batch_prompts
 
 VIS = "model.vision_tower.vision_tower.vision_model.encoder.prompts.{}"
 TXT = "model.prompts.{}"

@@ -12,6 +12,7 @@ import pytest
 from prompts_store import open_store
 from service import checkpoints, errors
 from service.settings import Settings
+from service.training.datasets import load_data
 from service.training.jobs import JobContext, JobQueue, check_spec, run_worker, set_context
 from service.training.local_jobs import LocalJobs
 from service.training.runs import TrainSpec
@@ -45,7 +46,7 @@ def test_what_cannot_train_is_refused_before_queueing(tmp_path):
 
 def test_a_worker_trains_an_m2pt_job_and_publishes_it(redis_url, llava, tmp_path):
     store = open_store(f"file://{tmp_path / 'store'}")
-    set_context(lambda: JobContext(llava, store, lambda *a: None))
+    set_context(lambda: JobContext(llava, store, load_data))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         jobs = JobQueue(redis_url, name="t-m2pt")
@@ -87,7 +88,7 @@ def test_a_llava_server_on_the_file_store_runs_jobs_itself(llava, tmp_path):
 
     settings = Settings(backbone="llava", store=f"file://{tmp_path / 'store'}")
     with TestClient(create_app(settings, backbone=llava)) as client:
-        assert isinstance(client.app.state.services.jobs, LocalJobs)
+        assert isinstance(client.app.state.jobs, LocalJobs)
         r = client.post("/v1/jobs", json=spec(tmp_path / "train.json").model_dump())
         assert r.status_code == 202, r.text  # queued; its child would load the LLaVA
         assert client.delete(f"/v1/jobs/{r.json()['id']}").status_code in (200, 202)

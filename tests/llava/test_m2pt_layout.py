@@ -14,10 +14,10 @@ from PIL import Image
 from torch import Tensor
 
 from service.backbones.llava import LlavaBackbone, Prompts
+from service.engine.answering import user_message
+from service.engine.generation import GenerationEngine, Sampling
 from service.errors import BadRequest
-from service.generative.engine import GenerationEngine, Sampling
-from service.generative.m2pt import M2PT, batch_prompts
-from service.generative.service import user_message
+from service.prompts.m2pt import M2PT, batch_prompts
 from tests.llava.conftest import tiny_model, tiny_processor
 
 PATCHES = (32 // 8) ** 2  # the tiny tower: 32-pixel images, 8-pixel patches

@@ -15,6 +15,7 @@ from service.app import create_app
 from service.backbones.clip import fingerprint_state
 from service.backbones.llava import LlavaBackbone
 from service.settings import Settings
+from service.training.datasets import load_data
 from service.training.runs import DatasetSpec, TrainSpec, run
 from tests.llava.conftest import make_backbone
 
@@ -70,9 +71,10 @@ def test_training_lowers_the_loss_and_the_checkpoint_is_served(
         recipe={"lr": 0.05, "epochs": 25, "batch_size": 4},
     )
     rows: list[dict[str, object]] = []
-    result = run(spec, fresh, store, lambda *a: None, progress=rows.append)  # type: ignore[arg-type]
+    result = run(spec, fresh, store, load_data, progress=rows.append)
     m = result.metrics
-    assert m["train_samples"] == 7 and len(rows) == 50
+    ends = [r for r in rows if r["epoch_end"]]  # 7 samples, batches of 4: 2 steps per epoch
+    assert m["train_samples"] == 7 and len(ends) == 25 and ends[-1]["step"] == 50
     assert m["final_loss"] < 0.6 * m["initial_loss"], m
     assert fingerprint_state(fresh.model.state_dict()) == before  # the backbone did not move
     keys = set(result.result.params)

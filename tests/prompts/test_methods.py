@@ -6,11 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from service.backbones.clip import ClipBackbone
 from service.checkpoints import dump, load, materialize, new_manifest
 from service.engine.forward import classify, encode
 from service.errors import InvalidConfig
-from service.prompts import METHODS, get_method
-from service.prompts.base import PLAIN, prompt_text
+from service.prompts import get_method
+from service.prompts.base import prompt_text
+from service.prompts.plans import PLAIN
+from service.prompts.registry import on_backbone
 from service.prompts.zeroshot import TEMPLATE_SETS
 
 
@@ -96,7 +99,7 @@ def test_maple_depth_one_equals_shallow_form(backbone, images, classnames):
     assert (_logits(backbone, plan, images) - ref).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", on_backbone(ClipBackbone.kind))
 def test_round_trip_save_load_identical_logits(backbone, images, classnames, method):
     m = get_method(method)
     cfg = m.config({})

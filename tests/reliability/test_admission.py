@@ -13,36 +13,36 @@ BODY = {"checkpoint": "eurosat", "images": [b64(png())]}
 def test_full_server_refuses_before_decoding(make_client, upload, monkeypatch):  # noqa: F811
     c = make_client(max_queue=2, max_batch_size=2)
     assert upload(c).status_code == 201
-    inference = c.app.state.services.inference
-    assert inference.max_admitted == 4  # max_queue + max_batch_size
+    front = c.app.state.frontend
+    assert front.max_admitted == 4  # max_queue + max_batch_size
     decoded: list[int] = []
-    real = inference.decode
-    monkeypatch.setattr(inference, "decode", lambda items: decoded.append(1) or real(items))
-    inference.admitted = inference.max_admitted  # as if that many were in progress
+    real = front.decode
+    monkeypatch.setattr(front, "decode", lambda items: decoded.append(1) or real(items))
+    front.admitted = front.max_admitted  # as if that many were in progress
     start = time.monotonic()
     r = c.post("/v1/classify", json=BODY)
     assert time.monotonic() - start < 1.0
     assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded", r.text
     assert decoded == []  # refused before any work
-    inference.admitted = 0
+    front.admitted = 0
     r = c.post("/v1/classify", json=BODY)
     assert r.status_code == 200 and decoded == [1]
-    assert inference.admitted == 0  # counted out again, also after errors:
+    assert front.admitted == 0  # counted out again, also after errors:
     assert c.post("/v1/classify", json={"checkpoint": "nope", "images": []}).status_code == 400
-    assert inference.admitted == 0
+    assert front.admitted == 0
 
 
 def test_admission_by_time_refuses_once_the_work_ahead_is_too_long(make_client, upload):  # noqa: F811
     c = make_client(max_queue=1000, max_batch_size=8, max_queue_wait_s=2.0)
     assert upload(c).status_code == 201
     assert c.post("/v1/classify", json=BODY).status_code == 200
-    inference = c.app.state.services.inference
-    assert inference.batcher.seconds_per_request > 0  # measured by that request
-    inference.batcher.seconds_per_request = 0.5  # as if the model took 0.5 s per request
-    inference.admitted = 4  # 2 s of work ahead: still within the budget
+    front, batcher = c.app.state.frontend, c.app.state.engine.classifier.batcher
+    assert batcher.seconds_per_request > 0  # measured by that request
+    batcher.seconds_per_request = 0.5  # as if the model took 0.5 s per request
+    front.admitted = 4  # 2 s of work ahead: still within the budget
     assert c.post("/v1/classify", json=BODY).status_code == 200
-    inference.batcher.seconds_per_request = 0.5  # (that request's fast batch moved it down)
-    inference.admitted = 5  # 2.5 s ahead
+    batcher.seconds_per_request = 0.5  # (that request's fast batch moved it down)
+    front.admitted = 5  # 2.5 s ahead
     r = c.post("/v1/classify", json=BODY)
     assert r.status_code == 429 and "2.5 s of work ahead" in r.json()["error"]["message"]
-    inference.admitted = 0
+    front.admitted = 0

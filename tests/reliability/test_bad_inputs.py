@@ -22,7 +22,7 @@ READ_H = {"Authorization": f"Bearer {READ}"}
 
 def snapshot(c: Any) -> dict[str, Any]:
     """Everything the store holds, bytes included (a digest per version)."""
-    store = c.app.state.services.store
+    store = c.app.state.store
     out: dict[str, Any] = {}
     for name in store.names():
         versions = [v.version for v in store.versions(name)]
@@ -121,7 +121,7 @@ def test_bad_checkpoint_uploads(ready, bad_checkpoints, name):
     r = ready.post("/v1/checkpoints", files={"file": ("x.safetensors", data)}, headers=ADMIN_H)
     expect(r, status, code)
     assert snapshot(ready) == before
-    folder = ready.app.state.services.settings.store.removeprefix("file://")
+    folder = ready.app.state.settings.store.removeprefix("file://")
     assert all(".." not in p.name for p in Path(folder).rglob("*"))  # nothing escaped
 
 

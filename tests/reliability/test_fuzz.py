@@ -10,7 +10,7 @@ import pytest
 
 from prompts_store import open_store
 from service.app import create_app
-from service.engine.publish import publish
+from service.checkpoints.publish import publish
 from tests.engine.test_residency import checkpoint
 from tests.reliability.fuzz import Tally, fuzz_operation, fuzz_settings, plan, shutdown
 

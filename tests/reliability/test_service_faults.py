@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from prompts_store import fsio, open_store
 from service.app import create_app
-from service.engine.publish import publish
+from service.checkpoints.publish import publish
 from service.settings import Settings
 from tests.api.conftest import b64, make_client, png, upload  # noqa: F401
 from tests.engine.test_residency import checkpoint
@@ -100,14 +100,14 @@ def test_redis_killed_and_restarted_under_load(app_on, upload, private_redis):  
             time.sleep(0.05)  # the replica hears of v2 and swaps it in
     assert set(load.statuses) == {200}, load.statuses  # no request failed, before or after
     assert load.versions[1] > 0 and load.versions[2] > 0, load.versions
-    store = c.app.state.services.store
+    store = c.app.state.store
     assert [v.version for v in store.versions("eurosat")] == [1, 2]  # nothing lost
 
 
 def test_disk_full_during_upload_under_load(make_client, upload, monkeypatch):  # noqa: F811
     c = make_client()
     assert upload(c).status_code == 201
-    store = c.app.state.services.store
+    store = c.app.state.store
     v1 = store.get("eurosat", 1).data
     real = fsio.write_all
 

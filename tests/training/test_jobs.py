@@ -24,9 +24,8 @@ from rq.utils import now
 
 from prompts_store import open_store
 from service import checkpoints, errors
-from service.api.deps import Services
+from service.api.errors import install
 from service.api.jobs import router
-from service.app import _error_handlers
 from service.backbones.clip import load_clip
 from service.metrics import Metrics
 from service.settings import Settings
@@ -189,14 +188,16 @@ def test_cancel_a_queued_job_and_it_never_runs(redis_url, in_process):
     assert rq_job(jobs, job_id).get_status() == JobStatus.CANCELED
 
 
-def test_a_failing_run_reports_its_error_after_its_retries(redis_url, in_process, monkeypatch):
+def test_a_failing_run_reports_its_error_after_its_retries(
+    redis_url, in_process, monkeypatch, backbone
+):
     store, calls = in_process
 
     def broken(spec: TrainSpec, backbone: Any, batch_size: int) -> RunData:
         calls.append(spec.name)
         raise errors.BadRequest("dataset root does not exist")
 
-    set_context(lambda: JobContext(None, store, broken))  # type: ignore[arg-type]
+    set_context(lambda: JobContext(backbone, store, broken))  # the run checks the backbone kind
     jobs = JobQueue(redis_url, name="t-quick", retries=1)
     job_id = jobs.submit(spec("broken"))
     burst(redis_url, "t-quick")
@@ -315,12 +316,10 @@ def test_a_killed_worker_leaves_the_job_failed(live):
 def client_for(jobs: JobQueue | None) -> TestClient:
     """The jobs router alone, with the app's error handlers and auth; no model needed."""
     settings = Settings(api_keys=READ, admin_keys=ADMIN, store="file://unused")
-    services = Services(settings=settings, metrics=Metrics())
-    services.jobs = jobs
     app = FastAPI()
-    app.state.services = services
+    app.state.settings, app.state.jobs = settings, jobs
     app.include_router(router)
-    _error_handlers(app, services)
+    install(app, Metrics())
     return TestClient(app)
 
 

@@ -13,10 +13,11 @@ from PIL import Image
 
 from prompts_store import open_store
 from service.app import create_app
+from service.prompts.registry import trainable
 from service.settings import Settings
 from service.training import proving_ground as pg
 from service.training.datasets import load_data
-from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE, RECIPES
+from service.training.recipes import PROVING_CONFIG, PROVING_RECIPE
 from service.training.runs import DatasetSpec, TrainSpec, run
 
 DOMAIN = "gray"
@@ -48,7 +49,7 @@ def _spec(method: str, **kw) -> TrainSpec:
     )
 
 
-@pytest.mark.parametrize("method", sorted(RECIPES))
+@pytest.mark.parametrize("method", trainable("classify"))
 def test_method_beats_zero_shot_on_base_classes(proving, zero_shot_base, method, tmp_path):
     store = open_store(f"file://{tmp_path / 'store'}")
     result = run(_spec(method), proving, store, load_data)

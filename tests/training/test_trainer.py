@@ -7,12 +7,12 @@ import torch
 
 from service.backbones.clip import fingerprint_state
 from service.prompts import get_method
-from service.training import losses
+from service.prompts.recipe import gaussian_weights
+from service.prompts.registry import trainable
 from service.training.evaluate import accuracy, harmonic_mean
-from service.training.recipes import RECIPES
-from service.training.trainer import Cancelled, epoch_lr, mixed_precision, tensor_batches, train
+from service.training.trainer import Cancelled, mixed_precision, tensor_batches, train
 
-TRAINABLE = sorted(RECIPES)
+TRAINABLE = trainable("classify")
 SMALL = {"maple": {"depth": 2}, "coop": {"n_ctx": 4}, "vpt": {"n_ctx_vision": 2}}
 
 
@@ -24,7 +24,7 @@ def _data():
 
 
 def _fast(method, **extra):
-    return RECIPES[method].with_overrides(
+    return get_method(method).recipe.with_overrides(
         {
             "epochs": 6,
             "warmup_epochs": 0,
@@ -74,14 +74,16 @@ def test_trained_plan_beats_its_initialization_on_training_data(backbone, classn
 
 
 def test_schedule_warmup_then_cosine():
-    r = RECIPES["maple"]
-    assert epoch_lr(r, 0) == r.warmup_lr
-    assert epoch_lr(r, 1) == pytest.approx(r.lr)
-    assert epoch_lr(r, 1) > epoch_lr(r, 2) > epoch_lr(r, 4) > 0
+    r = get_method("maple").recipe
+    assert r.epoch_lr(0) == r.warmup_lr
+    assert r.epoch_lr(1) == pytest.approx(r.lr)
+    assert r.epoch_lr(1) > r.epoch_lr(2) > r.epoch_lr(4) > 0
+    constant = get_method("m2pt").recipe
+    assert constant.epoch_lr(0) == constant.epoch_lr(2) == constant.lr
 
 
 def test_gaussian_epoch_weights_peak_at_the_mean():
-    w = losses.gaussian_weights(20, 15, 1)
+    w = gaussian_weights(20, 15, 1)
     assert sum(w) == pytest.approx(1.0) and max(range(20), key=w.__getitem__) == 14
 
 
@@ -128,11 +130,12 @@ def test_bf16_mixed_precision_learns_and_keeps_float32_parameters(backbone, clas
 
 def test_mixed_precision_defaults_to_the_gpu_only():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert not mixed_precision(RECIPES["coop"], cpu) and mixed_precision(RECIPES["coop"], gpu)
-    off = RECIPES["coop"].with_overrides({"mixed_precision": "off"})
+    coop = get_method("coop").recipe
+    assert not mixed_precision(coop, cpu) and mixed_precision(coop, gpu)
+    off = coop.with_overrides({"mixed_precision": "off"})
     assert not mixed_precision(off, gpu)
     with pytest.raises(ValueError, match="mixed_precision"):
-        RECIPES["coop"].with_overrides({"mixed_precision": "fp8"})
+        coop.with_overrides({"mixed_precision": "fp8"})
 
 
 def test_progress_reports_steps_and_an_eta_after_the_first_epoch(backbone, classnames):

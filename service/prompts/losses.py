@@ -1,9 +1,7 @@
-"""Training objectives beyond cross-entropy: PromptSRC's self-regularization and the dual-view
-method's mutual information and class-wise visual augmentation."""
+"""Loss terms beyond cross-entropy that methods' objectives use: PromptSRC's self-regularization
+and the dual-view method's mutual information and class-wise visual augmentation."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +34,6 @@ def promptsrc_regularizers(
         / logits.numel()
     )
     return l_text + l_image + l_logits
-
-
-def gaussian_weights(epochs: int, mean: float, std: float) -> list[float]:
-    """PromptSRC's Gaussian weighting of epoch snapshots (epochs 1..N), normalized to sum 1."""
-    w = [
-        math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
-        for e in range(1, epochs + 1)
-    ]
-    total = sum(w)
-    if total <= 0:  # a mean far outside 1..N: fall back to the last epoch
-        return [0.0] * (epochs - 1) + [1.0]
-    return [x / total for x in w]
 
 
 def view_mutual_information(soft: Tensor, hand: Tensor, temperature: float = 0.07) -> Tensor:

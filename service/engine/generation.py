@@ -25,7 +25,7 @@ from torch import Tensor
 from service.backbones.llava import LlavaBackbone
 from service.engine.queue_worker import QueueWorker
 from service.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded
-from service.generative.m2pt import GenPlan, batch_prompts
+from service.prompts.m2pt import AnswerPlan, batch_prompts
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Event:
 class _Request:
     ids: list[int]
     pixels: Tensor | None  # [1, 3, H, W]
-    plan: GenPlan
+    plan: AnswerPlan
     sampling: Sampling
     deadline: float | None
     queue: asyncio.Queue[Event]
@@ -93,7 +93,7 @@ class GenerationEngine(QueueWorker[_Request]):
         self,
         ids: list[int],
         pixels: Tensor | None,
-        plan: GenPlan,
+        plan: AnswerPlan,
         sampling: Sampling,
         deadline: float | None = None,
     ) -> AsyncIterator[Event]:
@@ -148,7 +148,7 @@ class GenerationEngine(QueueWorker[_Request]):
         self,
         ids: list[int],
         pixels: Tensor | None,
-        plan: GenPlan,
+        plan: AnswerPlan,
         sampling: Sampling,
         deadline: float | None = None,
     ) -> tuple[list[int], str]:

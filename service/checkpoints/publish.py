@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import prompts_store as ps
-from service import checkpoints
-from service.backbones.clip import ClipBackbone
-from service.engine.store_errors import store_errors
+from service.backbones.base import Backbone
+from service.checkpoints.format import MAX_CHECKPOINT_BYTES, load
+from service.checkpoints.store_errors import store_errors
 
 
 @dataclass(frozen=True)
@@ -20,17 +20,17 @@ class Published:
 
 def publish(
     store: ps.PromptStore,
-    backbone: ClipBackbone,
+    backbone: Backbone,
     data: bytes,
     *,
     activate: bool = True,
-    max_bytes: int = checkpoints.MAX_CHECKPOINT_BYTES,
+    max_bytes: int = MAX_CHECKPOINT_BYTES,
 ) -> Published:
     """Validate checkpoint bytes (format, manifest, shapes, fingerprint, values), then store them.
 
     The name comes from the manifest. Nothing reaches the store unless every check passed.
     """
-    ckpt = checkpoints.load(data, backbone, max_bytes)
+    ckpt = load(data, backbone, max_bytes)
     m = ckpt.manifest
     meta = {
         "method": m.method,

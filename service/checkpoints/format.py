@@ -21,7 +21,8 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from service import jsonsafe
-from service.backbones.clip import ClipBackbone
+from service.backbones.base import Backbone
+from service.backbones.registry import kind as backbone_kind
 from service.errors import (
     BackboneMismatch,
     BadRequest,
@@ -35,9 +36,8 @@ from service.errors import (
     NonFiniteTensor,
     ShapeMismatch,
 )
-from service.generative.m2pt import GENERATIVE_METHODS
-from service.prompts.base import Plan
-from service.prompts.registry import get_method as get_clip_method
+from service.prompts.plans import ServingPlan
+from service.prompts.registry import METHODS, AnyMethod, get_method
 
 FORMAT = 1
 METADATA_KEY = "promptserve"
@@ -49,13 +49,6 @@ MAX_TEMPLATES = 100
 MAX_TEMPLATE_CHARS = 300
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PARAM_DTYPE = torch.float32
-
-
-def get_method(name: str) -> Any:
-    """A classification method (service.prompts) or a generative one (M²PT, on LLaVA)."""
-    if isinstance(name, str) and name in GENERATIVE_METHODS:
-        return GENERATIVE_METHODS[name]
-    return get_clip_method(name)
 
 
 class BackboneRef(BaseModel):
@@ -189,24 +182,36 @@ def parse(data: bytes, max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
             raise DtypeMismatch(f"tensor {key!r} is {tensor.dtype}; checkpoints store float32")
         if not torch.isfinite(tensor).all():
             raise NonFiniteTensor(f"tensor {key!r} contains NaN or Inf values")
-    # Generative checkpoints answer instructions: they name no classes.
-    if manifest.classnames or manifest.method not in GENERATIVE_METHODS:
+    if manifest.classnames or _names_classes(manifest.method):
         manifest.classnames = check_classnames(manifest.classnames)
     check_templates(manifest.templates)
     return Checkpoint(manifest=manifest, params=params)
 
 
-def validate(ckpt: Checkpoint, backbone: ClipBackbone) -> Any:
+def _names_classes(method: str) -> bool:
+    """Classification checkpoints name their classes; those that answer instructions do not
+    (an unknown method is refused later, by `validate`, with the known ones listed)."""
+    known = METHODS.get(method)
+    return known is None or known.task == "classify"
+
+
+def check_backbone(method: AnyMethod, backbone: Backbone) -> None:
+    """Refuse a method of another backbone kind before its shapes are asked of this one."""
+    if method.backbone_kind != backbone.kind:
+        needed = backbone_kind(method.backbone_kind).cls
+        raise InvalidConfig(
+            f"{method.name} checkpoints need a {needed.title} backbone (--backbone "
+            f"{needed.kind}); this server runs a {backbone.title} backbone "
+            f"({backbone.model_name})"
+        )
+
+
+def validate(ckpt: Checkpoint, backbone: Backbone) -> Any:
     """Check a parsed checkpoint against the loaded backbone; returns the method's config."""
     m = ckpt.manifest
     method = get_method(m.method)
     cfg = method.config(m.method_config)
-    if m.method not in GENERATIVE_METHODS and getattr(backbone, "kind", None) == "llava":
-        # a classification method's shapes read CLIP towers: say so before they are asked for
-        raise InvalidConfig(
-            f"{m.method} checkpoints classify with a CLIP backbone; this is a LLaVA backbone, "
-            "which serves m2pt checkpoints"
-        )
+    check_backbone(method, backbone)
     if m.backbone.fingerprint != backbone.fingerprint:
         raise BackboneMismatch(
             f"checkpoint {m.name!r} was trained on backbone {m.backbone.model} "
@@ -230,14 +235,14 @@ def validate(ckpt: Checkpoint, backbone: ClipBackbone) -> Any:
     return cfg
 
 
-def load(data: bytes, backbone: ClipBackbone, max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
+def load(data: bytes, backbone: Backbone, max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
     """Parse and fully validate checkpoint bytes for this backbone."""
     ckpt = parse(data, max_bytes)
     validate(ckpt, backbone)
     return ckpt
 
 
-def materialize(ckpt: Checkpoint, backbone: ClipBackbone) -> Plan:
+def materialize(ckpt: Checkpoint, backbone: Backbone) -> ServingPlan:
     """The checkpoint's serving form (class embeddings computed once, here)."""
     m = ckpt.manifest
     method = get_method(m.method)
@@ -248,7 +253,7 @@ def materialize(ckpt: Checkpoint, backbone: ClipBackbone) -> Plan:
 def new_manifest(
     name: str,
     method: str,
-    backbone: ClipBackbone,
+    backbone: Backbone,
     classnames: Sequence[str],
     method_config: Mapping[str, Any] | None = None,
     templates: Sequence[str] = (),
@@ -264,7 +269,9 @@ def new_manifest(
             pretrained=backbone.pretrained,
             fingerprint=backbone.fingerprint,
         ),
-        classnames=check_classnames(list(classnames)),
+        classnames=(
+            check_classnames(list(classnames)) if classnames or _names_classes(method) else []
+        ),
         templates=check_templates(list(templates)),
         **extra,
     )

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
 from service import errors
 from service.backbones.llava import LlavaBackbone
+from service.engine.generation import Event, GenerationEngine, Sampling
 from service.engine.residency import Residency
-from service.generative.engine import Event, GenerationEngine, Sampling
-from service.generative.m2pt import PLAIN_GEN_PLAN, GenPlan
 from service.images import ImageLimits, decode_base64, open_image
+from service.prompts.m2pt import PLAIN_ANSWER_PLAN, AnswerPlan
+from service.settings import Settings
 
 PLAIN_MODELS = ("plain", "none", "")
 
@@ -31,7 +33,7 @@ class Prepared:
 
     ids: list[int]
     pixels: Tensor | None
-    plan: GenPlan
+    plan: AnswerPlan
     checkpoint: str | None
     version: int | None
 
@@ -76,6 +78,7 @@ class Generation:
     limits: ImageLimits
     timeout_s: float
     max_new_tokens: int
+    status: dict[str, str] = field(default_factory=dict)  # what /readyz adds
 
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
@@ -90,13 +93,15 @@ class Generation:
             raise errors.BadRequest("temperature must be within 0..2 and top_p within (0, 1]")
         return Sampling(n, temperature, top_p, seed)
 
-    async def plan(self, ref: str | None) -> tuple[GenPlan, str | None, int | None]:
+    async def plan(self, ref: str | None) -> tuple[AnswerPlan, str | None, int | None]:
         if ref is None or ref in PLAIN_MODELS or ref == self.backbone.model_name:
-            return PLAIN_GEN_PLAN, None, None
+            return PLAIN_ANSWER_PLAN, None, None
         resident = await asyncio.to_thread(self.residency.resolve, ref)
         plan: Any = resident.plan
-        if not isinstance(plan, GenPlan):
-            raise errors.InvalidContent(f"checkpoint {ref!r} is not a generative (m2pt) one")
+        if not isinstance(plan, AnswerPlan):
+            raise errors.InvalidContent(
+                f"checkpoint {ref!r} does not answer instructions (its method classifies)"
+            )
         return plan, resident.name, resident.version
 
     def image(self, item: str) -> Tensor:
@@ -146,3 +151,36 @@ def user_message(instruction: str, with_image: bool) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
     content.append({"type": "text", "text": instruction})
     return [{"role": "user", "content": content}]
+
+
+@asynccontextmanager
+async def start_generation(
+    settings: Settings,
+    backbone: LlavaBackbone,
+    residency: Residency[AnswerPlan],
+    on_batch: Callable[[int], None] | None = None,
+) -> AsyncIterator[Generation]:
+    """The answer path on a LLaVA backbone: the generation engine, warmed up."""
+    engine = GenerationEngine(
+        backbone,
+        max_batch_size=settings.gen_max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        on_batch=on_batch,
+    )
+    await engine.start()
+    try:
+        generation = Generation(
+            backbone=backbone,
+            residency=residency,
+            engine=engine,
+            limits=ImageLimits.of(settings),
+            timeout_s=settings.request_timeout_s,
+            max_new_tokens=settings.max_new_tokens,
+        )
+        # one token through the whole path, so the first request does not pay for allocation
+        ids = backbone.encode_chat(user_message("warm up", False), 0)
+        await engine.complete(ids, None, PLAIN_ANSWER_PLAN, Sampling(max_new_tokens=1))
+        yield generation
+    finally:
+        await engine.stop(settings.shutdown_timeout_s)
