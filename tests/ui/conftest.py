@@ -136,6 +136,9 @@ def new_page(browser_context) -> Iterator[Callable[..., Any]]:
 
 def sign_in(page: Any, key: str) -> None:
     """Type the key into the page, as a person would."""
+    # The shell opens the key panel itself once it knows a key is needed: wait until it has
+    # decided, or a click on the badge would race it and close the panel again.
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
     panel = page.locator("#auth-panel")
     if not panel.is_visible():
         page.get_by_role("button", name="No key").click()

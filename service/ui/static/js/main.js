@@ -147,3 +147,5 @@ window.addEventListener("hashchange", route);
 await learnRole();
 if (session.auth && !session.role) openPanel(true);
 route();
+// The shell knows the key's role and has drawn the first screen (tests wait on this, not time).
+document.body.dataset.ready = "true";
