@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from service import server
 from service.engine.control import ControlBlock
 from service.engine.protocol import EngineClient
 from service.engine.remote import remote_engine
+from service.engine.shm import SHM_DIR, segment_name
 from service.settings import Settings
 from service.supervisor import Layout, Supervisor
 
@@ -146,8 +146,10 @@ def serve_split(settings: Settings, n: int) -> int:
     sock.set_inheritable(True)
     # prometheus-client's multiprocess mode: every process writes here, /metrics sums them.
     # Set before any child starts (they read it when they import prometheus_client).
-    metrics_dir = tempfile.mkdtemp(prefix="promptserve-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Named like the segments: a service killed with -9 leaves it, the next start removes it.
+    metrics_dir = SHM_DIR / segment_name(os.getpid(), "metrics")
+    metrics_dir.mkdir(mode=0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     log.info("serving on %s:%d with %d front ends and one engine process", settings.host,
              settings.port, n)  # fmt: skip
     try:

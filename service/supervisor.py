@@ -188,6 +188,7 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.layout.shm_dir, self.layout.slots(i, self.incarnations[i])))
         self.control.set_admitted(i, 0)  # what it had admitted died with it
+        _forget_metrics(proc.pid)
         self._start_frontend(i)
 
     def _engine_died(self) -> bool:
@@ -195,6 +196,7 @@ class Supervisor:
         assert self.engine is not None
         self.engine.join()
         code = self.engine.exitcode
+        _forget_metrics(self.engine.pid)
         now = time.monotonic()
         self.engine_deaths.append(now)
         while self.engine_deaths and now - self.engine_deaths[0] > RESTART_WINDOW_S:
@@ -233,6 +235,14 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.layout.engine_address.removeprefix("ipc://"))
         self.control.close()
+
+
+def _forget_metrics(pid: int | None) -> None:
+    """Drop a dead process's live gauges from the summed metrics (its counts stay counted)."""
+    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
 
 
 def _child(target: Target, layout: Layout, payload: Any, *extra: Any) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import mmap
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,7 +47,10 @@ def remove_stale(directory: Path = SHM_DIR) -> list[str]:
         if match is None or _alive(int(match.group(1))):
             continue
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            if path.is_dir():  # the metrics files of prometheus-client's multiprocess mode
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path.name)
     return removed
 
@@ -144,10 +148,13 @@ class SlotReader:
     def read(self, slots: Sequence[int]) -> Tensor:
         """A copy of the images in `slots`, `[n, *shape]` (the front end may reuse the
         slots as soon as the engine has answered)."""
-        index = torch.tensor(list(slots), dtype=torch.long)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.count):
+        index = list(slots)
+        if index and (min(index) < 0 or max(index) >= self.count):
             raise ValueError(f"slot numbers out of range 0..{self.count - 1}")
-        return self._tensor.index_select(0, index)
+        # numpy's copy, not torch's: torch parallelizes a large copy over OpenMP threads that
+        # then spin-wait for more work, which cost ~3 ms of CPU per request at a few hundred
+        # requests/s (bench/frontend.py's engine column) for a 0.03 ms copy.
+        return torch.from_numpy(self._tensor.numpy()[index])
 
     def close(self) -> None:
         del self._tensor

@@ -1,0 +1,313 @@
+"""Front-end capacity of `--frontends N` against a null engine (only the front ends cost).
+
+    .venv/bin/python bench/frontend.py                      # 1 and 2 front ends, ~3 min
+    .venv/bin/python bench/frontend.py --frontends 1,2,4,8,12 --seconds 20   # a GPU host
+
+The null engine is the real engine process's wire (engine/ipc.py, the front ends' slots) with
+no model: it reads each request's images from shared memory (the engine's real per-image CPU
+work) and answers at once. For JSON-base64 and multipart bodies, 224x224 and 640x480 JPEGs, and
+each front-end count, it prints:
+- img/s served;
+- CPU milliseconds per image in the front ends (summed) and in the engine, from the processes'
+  own CPU times (/proc/PID/stat): these hold on any core count, so a 2-core machine measures
+  them as well as a 16-core one. Throughput on a machine with fewer cores than processes does
+  not scale, and says nothing about a GPU host; the per-image CPU figures project it.
+The load generator runs in `--gen-procs` processes; its own capacity against a trivial server
+(one fixed response, no parsing) is printed beside, so we know it is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+from PIL import Image
+
+from bench.common import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TICKS = os.sysconf("SC_CLK_TCK")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SIZES = {"224": (224, 224), "640x480": (640, 480)}
+
+
+# --- the null engine (runs in the engine process the supervisor starts) ----------------------
+def null_engine(layout: Any, settings: Any, generation: int) -> None:
+    """An engine process with the real wire and no model: slots read, answers at once."""
+    from service.engine.control import ControlBlock
+
+    control = ControlBlock.attach(layout.control, Path(layout.shm_dir))
+    asyncio.run(_serve_null(layout, control, generation))
+
+
+async def _serve_null(layout: Any, control: Any, generation: int) -> None:
+    from service.engine.ipc import EngineServer
+    from service.engine.shm import SlotReader
+
+    shape = [3, 224, 224]
+    readers: dict[str, SlotReader] = {}
+    config = {"size": (224, 224), "mode": "RGB", "mean": OPENAI_MEAN, "std": OPENAI_STD,
+              "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}  # fmt: skip
+    facts = {"backbone": "null", "kind": "clip", "pretrained": "-", "device": "cpu",
+             "fingerprint": "-", "runtime": "null"}  # fmt: skip
+
+    async def hello(body: Any, blobs: Any) -> Any:
+        return {"capabilities": ["classify", "embed"], "describe": facts, "preprocess": config,
+                "slot_shape": shape, "side": 224}, ()  # fmt: skip
+
+    async def status(body: Any, blobs: Any) -> Any:
+        return {"health": {"store": "ok", "resident": 0}, "stats": {}, "queue_depth": 0}, ()
+
+    async def classify(body: Any, blobs: Any) -> Any:
+        name = body["segment"]
+        if name not in readers:
+            readers[name] = SlotReader(name, body["count"], shape, Path(layout.shm_dir))
+        images = readers[name].read(body["slots"])
+        rows = [[["a", 1.0]]] * int(images.shape[0])
+        return [
+            {"checkpoint": None, "version": None, "method": "zeroshot", "predictions": rows}
+        ], ()
+
+    server = EngineServer(layout.engine_address, {"hello": hello, "status": status,
+                                                  "classify": classify})  # fmt: skip
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    task = asyncio.get_running_loop().create_task(server.serve())
+    control.set_engine(os.getpid(), generation, True)
+    await stop.wait()
+    task.cancel()
+    server.close()
+
+
+def serve(port: int, n: int) -> int:
+    """The split service on the null engine (run as `bench/frontend.py --serve PORT N`)."""
+    from service.logs import configure
+    from service.settings import Settings
+    from service.split import frontend_process
+    from service.supervisor import Supervisor
+
+    configure("text", "WARNING")
+    store = tempfile.mkdtemp(prefix="bench-frontend-")
+    settings = Settings(port=port, frontends=n, local_jobs=False, store=f"file://{store}",
+                        max_queue=100_000, log_level="WARNING")  # fmt: skip
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    metrics = Path(tempfile.mkdtemp(prefix="bench-frontend-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+    return Supervisor(null_engine, frontend_process, settings, n, sock).run()
+
+
+# --- the trivial server: the load generator's own ceiling ------------------------------------
+def trivial(port: int) -> None:
+    import uvicorn
+
+    body = b'{"results":[]}'
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# --- load --------------------------------------------------------------------------------------
+def jpeg(size: tuple[int, int], seed: int) -> bytes:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    # smooth content (a photo's spectrum, not noise: noise JPEGs are unrealistically large)
+    small = rng.integers(0, 255, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _generator(url: str, fmt: str, size: str, seconds: float, concurrency: int,
+               per_request: int, go: Any, out: Any) -> None:  # fmt: skip
+    blobs = [jpeg(SIZES[size], seed) for seed in range(8)]
+    out.put("ready")
+    go.wait()  # every generator starts at once: one window for all
+
+    async def run() -> tuple[int, int]:
+        done = errors = 0
+        end = time.monotonic() + seconds
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+            async def one(worker: int) -> None:
+                nonlocal done, errors
+                i = worker
+                while time.monotonic() < end:
+                    imgs = [blobs[(i + k) % len(blobs)] for k in range(per_request)]
+                    i += 1
+                    if fmt == "json":
+                        body = {"images": [base64.b64encode(b).decode() for b in imgs],
+                                "classnames": ["a", "b"]}  # fmt: skip
+                        r = await client.post(url, json=body)
+                    else:
+                        files = [
+                            ("images", (f"{k}.jpg", b, "image/jpeg")) for k, b in enumerate(imgs)
+                        ]
+                        r = await client.post(url, files=files, data={"classnames": '["a","b"]'})
+                    if r.status_code == 200:
+                        done += per_request
+                    else:
+                        errors += 1
+
+            await asyncio.gather(*(one(w) for w in range(concurrency)))
+        return done, errors
+
+    out.put(asyncio.run(run()))
+
+
+def load(
+    url: str, fmt: str, size: str, args: argparse.Namespace, pids: tuple[int, ...] = ()
+) -> tuple[float, int, list[float]]:
+    """img/s over `args.seconds` from `args.gen_procs` generator processes, the errors, and
+    the CPU seconds each of `pids` used in that window."""
+    ctx = mp.get_context("spawn")
+    q: Any = ctx.Queue()
+    go = ctx.Event()
+    procs = [
+        ctx.Process(
+            target=_generator,
+            args=(url, fmt, size, args.seconds, args.concurrency, args.per_request, go, q),
+        )
+        for _ in range(args.gen_procs)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        assert q.get() == "ready"
+    before = [cpu_seconds(pid) for pid in pids]
+    go.set()
+    results = [q.get() for _ in procs]
+    used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+    for p in procs:
+        p.join()
+    return sum(r[0] for r in results) / args.seconds, sum(r[1] for r in results), used
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def processes(supervisor: int) -> tuple[int, list[int]]:
+    """(engine pid, front-end pids) of the supervisor's children."""
+    from service.engine.control import ControlBlock
+    from service.engine.shm import segment_name
+
+    control = ControlBlock.attach(segment_name(supervisor, "control"))
+    engine = control.engine()[0]
+    control.close()
+    kids = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    fronts = [int(k) for k in kids if int(k) != engine
+              and b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]  # fmt: skip
+    return engine, fronts
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise SystemExit("server not ready")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--frontends", default="1,2")
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--gen-procs", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=8, help="connections per generator")
+    p.add_argument("--per-request", type=int, default=1, help="images per request")
+    p.add_argument("--formats", default="json,multipart")
+    p.add_argument("--sizes", default="224,640x480")
+    p.add_argument("--serve", nargs=2, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--trivial", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve:
+        return serve(*args.serve)
+    if args.trivial:
+        trivial(args.trivial)
+        return 0
+
+    me = [sys.executable, str(Path(__file__).resolve())]
+    port = free_port()
+    server = subprocess.Popen([*me, "--trivial", str(port)])
+    try:
+        wait_ready_trivial(f"http://127.0.0.1:{port}", server)
+        ceiling, _, _ = load(f"http://127.0.0.1:{port}/", "json", "224", args)
+    finally:
+        server.terminate()
+        server.wait()
+    print(f"load generator ({args.gen_procs} procs x {args.concurrency} conns) against a "
+          f"trivial server, JSON 224 bodies ({args.per_request} img/request): "
+          f"{ceiling:,.0f} img/s")  # fmt: skip
+    print("| front ends | body | image | img/s | front-end CPU ms/img | engine CPU ms/img | "
+          "errors |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for n in [int(x) for x in args.frontends.split(",")]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([*me, "--serve", str(port), str(n)])
+        try:
+            wait_ready(url, server)
+            engine, fronts = processes(server.pid)
+            for fmt in args.formats.split(","):
+                for size in args.sizes.split(","):
+                    rate, errors, used = load(
+                        f"{url}/v1/classify", fmt, size, args, (engine, *fronts)
+                    )
+                    images = max(1.0, rate * args.seconds)
+                    print(f"| {n} | {fmt} | {size} | {rate:,.0f} | "
+                          f"{1000 * sum(used[1:]) / images:.2f} | {1000 * used[0] / images:.3f} | "
+                          f"{errors} |", flush=True)  # fmt: skip
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+    return 0
+
+
+def wait_ready_trivial(url: str, proc: subprocess.Popen[bytes]) -> None:
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(url, timeout=2)
+            return
+        time.sleep(0.1)
+    raise SystemExit("trivial server not ready")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
