@@ -268,7 +268,8 @@ def test_the_consoles_reads_answer_through_the_engine_process(services):
         assert r.status_code == 200, r.text
         held[n] = r.json()
         assert {(x["name"], x["version"]) for x in held[n]["residents"]} >= {
-            ("coop-one", 1), ("maple-one", 1)
+            ("coop-one", 1),
+            ("maple-one", 1),
         }
         assert held[n]["serving"] == {"coop-one": 1, "maple-one": 1}
         detail = httpx.get(f"{s.url}/v1/checkpoints/maple-one/versions/1").json()
