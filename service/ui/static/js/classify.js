@@ -23,6 +23,9 @@ const state = {
   primed: false,
 };
 let examples = null;
+// The drawing functions of the Classify screen on display (null while another screen shows):
+// what finishes late (the first visit's priming) redraws the screen a person sees now.
+let view = null;
 
 /** Open Classify on these checkpoint references side by side (e.g. two versions of one), keeping
  *  the images already chosen. targets: [{name, version}] with version "" for the live one. */
@@ -209,9 +212,13 @@ export function render(root, ctx) {
 
   async function versionOptions(select, target) {
     clear(select, h("option", { value: "" }, "live"));
-    if (!target.name) return;
+    const name = target.name;
+    select.dataset.name = name;
+    if (!name) return;
     try {
-      const { versions } = await api(`/v1/checkpoints/${encodeURIComponent(target.name)}/versions`);
+      const { versions } = await api(`/v1/checkpoints/${encodeURIComponent(name)}/versions`);
+      // Typed on meanwhile: an older answer must not replace the versions of the newer name.
+      if (select.dataset.name !== name) return;
       const live = versions.find((v) => v.active);
       clear(
         select,
@@ -351,13 +358,18 @@ export function render(root, ctx) {
   drawTargets();
   drawAnswer();
   searchNames("");
-  prime(drawImages, drawTargets);
+  const mine = { drawImages, drawTargets };
+  view = mine;
+  prime();
+  return () => {
+    if (view === mine) view = null;
+  };
 }
 
 // The first visit opens ready to try: the first group of examples loaded (the demo: one domain),
 // a checkpoint chosen (one whose name mentions that group, found by the server's search, else the
 // first), and with true labels at hand, zero-shot beside it: what the prompt is worth, at a glance.
-async function prime(drawImages, drawTargets) {
+async function prime() {
   if (state.primed) return;
   state.primed = true;
   const list = await loadExamples();
@@ -367,11 +379,11 @@ async function prime(drawImages, drawTargets) {
   const ckpt = (group && (await first(group))) || (await first(""));
   if (!state.images.length) {
     for (const ex of chosen.slice(0, MAX_IMAGES)) addExample(ex);
-    drawImages();
+    view?.drawImages();
   }
   if (!state.targets[0].name && ckpt) {
     state.targets[0].name = ckpt.name;
     state.baseline = chosen.some((ex) => ex.label);
-    drawTargets();
+    view?.drawTargets();
   }
 }
