@@ -107,13 +107,22 @@ def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture
 def new_page(browser_context) -> Iterator[Callable[..., Any]]:
-    """Pages in a fresh tab (so a fresh sessionStorage); fails the test on any script error."""
+    """Pages in a fresh tab (so a fresh sessionStorage); fails the test on any script error and
+    on any request that leaves the service's origin (the console works offline: no CDN)."""
     pages: list[Any] = []
     problems: list[str] = []
 
     def make(url: str, key: str | None = None) -> Any:
         page = browser_context.new_page()
         page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        page.on(
+            "request",
+            lambda r: (
+                None
+                if r.url.startswith((f"{url}/", "blob:", "data:"))
+                else problems.append(f"request to another origin: {r.url}")
+            ),
+        )
         page.on(
             "console",
             lambda msg: (

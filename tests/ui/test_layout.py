@@ -1,5 +1,6 @@
 """The console's other ways in: an image dropped on the page (not picked), and every screen at a
-phone's width with nothing wider than the screen (a page that scrolls sideways is unreadable)."""
+phone's width with nothing wider than the screen (a page that scrolls sideways is unreadable)
+and every control named for a screen reader."""
 
 from __future__ import annotations
 
@@ -46,6 +47,21 @@ def test_an_image_dropped_on_the_page_is_classified(server, new_page):
     expect(answer.locator(".bar-label > span:first-child")).to_have_text([p["label"] for p in want])
 
 
+# Every visible control of the screen must have a name a screen reader can say: a <label>, an
+# aria-label or aria-labelledby, or (buttons, links) its text. Returns the outerHTML of those that
+# have none.
+UNNAMED = """() => [...document.querySelectorAll(
+    "#main input, #main select, #main textarea, #main button, #main a[href], header button")]
+  .filter((el) => el.getClientRects().length && el.type !== "hidden")
+  .filter((el) => {
+    const aria = el.getAttribute("aria-label") || el.getAttribute("aria-labelledby");
+    const labelled = el.labels && [...el.labels].some((l) => l.textContent.trim());
+    const text = ["BUTTON", "A"].includes(el.tagName) && el.textContent.trim();
+    return !(aria || labelled || text);
+  })
+  .map((el) => el.outerHTML.slice(0, 160))"""
+
+
 def _no_sideways_scroll(page) -> None:
     widths = page.evaluate(
         "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
@@ -77,6 +93,7 @@ def test_every_screen_fits_a_phone(server, new_page, screen, ready):
         page.goto(f"{server.url}/ui/#/{screen}")
     expect(page.locator(ready).first).to_be_visible()
     _no_sideways_scroll(page)
+    assert page.evaluate(UNNAMED) == [], "controls a screen reader cannot name"
     # the sections stay reachable: every tab is on screen, none cut off at the edge
     for tab in page.locator(".tabs a").all():
         box = tab.bounding_box()
