@@ -70,6 +70,19 @@ def _metric_sum(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
+def _buckets(text: str, name: str) -> list[int]:
+    """Per-bucket counts of a histogram (summed over its other labels), from its cumulative
+    `le` buckets in the order they are exposed."""
+    cumulative: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            le = re.search(r'le="([^"]+)"', line)
+            assert le is not None
+            cumulative[le[1]] = cumulative.get(le[1], 0.0) + float(line.split()[-1])
+    counts = [int(v) for v in cumulative.values()]
+    return [b - a for a, b in zip([0, *counts], counts, strict=False)]
+
+
 def test_service_screen_shows_the_numbers_of_metrics_and_readyz(server, new_page):
     server.upload("served")
     image = base64.b64encode(png(COLOURS["red"], seed=9)).decode()
@@ -87,5 +100,14 @@ def test_service_screen_shows_the_numbers_of_metrics_and_readyz(server, new_page
     expect(page.locator(".runtime-reason")).to_have_text(ready["runtime_reason"])
     resident = page.get_by_role("link", name="served", exact=True)
     expect(resident).to_be_visible()
+    # the distributions are /metrics' histograms, bucket by bucket
+    batches = _buckets(metrics, "promptserve_batch_images_bucket")
+    lat = page.get_by_role("table", name="request latency").locator(".n")
+    expect(lat).to_have_text(
+        [f"{n:,}" for n in _buckets(metrics, "promptserve_request_seconds_bucket")]
+    )
+    sizes = page.get_by_role("table", name="batch size").locator(".n")
+    expect(sizes).to_have_text([f"{n:,}" for n in batches])
+    assert sum(batches) == int(_metric_sum(metrics, "promptserve_batch_images_count")) >= 3
     # the rate is over the last polling interval: it settles to 0 with no traffic
     expect(page.locator(".stat.rate .value")).to_have_text("0.0", timeout=15_000)
