@@ -58,6 +58,8 @@ def null_engine(layout: Any, settings: Any, generation: int) -> None:
 
 
 async def _serve_null(layout: Any, control: Any, generation: int) -> None:
+    import torch
+
     from service.engine.ipc import EngineServer
     from service.engine.shm import SlotReader
 
@@ -78,7 +80,11 @@ async def _serve_null(layout: Any, control: Any, generation: int) -> None:
     async def classify(body: Any, blobs: Any) -> Any:
         name = body["segment"]
         if name not in readers:
-            readers[name] = SlotReader(name, body["count"], shape, Path(layout.shm_dir))
+            readers[name] = SlotReader(
+                name, body["count"], shape, Path(layout.shm_dir), dtype=torch.uint8
+            )
+        # the engine's CPU work on a GPU host: the slots' copy (normalizing runs on the device;
+        # on a CPU device it is noise beside the encoder's tens of ms per image)
         images = readers[name].read(body["slots"])
         rows = [[["a", 1.0]]] * int(images.shape[0])
         return [

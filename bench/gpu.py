@@ -15,9 +15,11 @@ keeps what it measured. SIGTERM stops the servers it started.
      with PROMPTSERVE_IMAGE_DECODE=gpu vs cpu;
   5. issue16: served img/s vs the raw CUDA-graph bf16 encoder, ViT-B/16 and ViT-B/32, >= 128
      clients (today's single process: the baseline the front-end split is measured against);
+  5b. frontends (16): bench/frontend.py's null-engine table for 1..12 front ends;
   6. peers (19): bench/peers.py's table on the GPU (Infinity only if it can be installed);
-  7. issue21: a LLaVA-1.5-7B-shaped random bf16 model, decode tokens/s at 1/8/32/64 streams
-     against the memory-bandwidth bound, and time to first token (today's static batcher).
+  7. issue21 (bench/gpu_llava.py): a LLaVA-1.5-7B-shaped random bf16 model, decode tokens/s at
+     1/8/32/64 streams against the memory-bandwidth bound and time to first token, continuous
+     vs static batching.
 
 Preparing the GPU machine (it reaches no package index; see /work/.library/device/README.md):
 carry the project's missing dependencies as cp312 wheels (`bash bench/gpu_wheels.sh` here fills
@@ -47,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import gpu_hooks
+from bench import gpu_hooks, gpu_llava
 from bench.peers import model_backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,8 +283,9 @@ SECTIONS = {  # name -> (function, the least budget worth starting it with, s)
     "runtimes": (runtimes, 45),
     "decode": (decode, 60),
     "issue16": (gpu_hooks.issue16, 90),
+    "frontends": (gpu_hooks.frontends, 60),
     "peers": (gpu_hooks.peers, 90),
-    "issue21": (gpu_hooks.issue21, 90),
+    "issue21": (gpu_llava.issue21, 90),
 }
 
 

@@ -1,6 +1,8 @@
 """Generation throughput on the tiny in-test LLaVA: 1 request vs 8 concurrent, prompts vs plain.
 
     .venv/bin/python -m bench.llava [--tokens 32] [--repeats 3]
+    .venv/bin/python -m bench.llava --heads [--tokens 16] [--repeats 3]   (bench/llava_heads.py)
+    .venv/bin/python -m bench.llava --load ...  # Poisson load, continuous vs static
 
 Tokens/s counts generated tokens (greedy, no early stop on this random model) over wall time,
 through the engine (batched prefill + KV-cached decode). The M²PT overhead is the ratio of
@@ -16,6 +18,7 @@ import time
 import torch
 from PIL import Image
 
+from bench import llava_load
 from service.engine.answering import user_message
 from service.engine.generation import GenerationEngine, Sampling
 from service.prompts.m2pt import M2PT, PLAIN_ANSWER_PLAN, AnswerPlan
@@ -65,5 +68,15 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--heads", action="store_true", help="per-checkpoint output heads' cost")
+    p.add_argument("--load", action="store_true", help="Poisson load: bench/llava_load.py")
+    llava_load.add_args(p)
     a = p.parse_args()
-    asyncio.run(main(a.tokens, a.repeats))
+    if a.heads:
+        from bench import llava_heads
+
+        llava_heads.main(a.tokens, a.repeats)
+    elif a.load:
+        llava_load.main(a)
+    else:
+        asyncio.run(main(a.tokens, a.repeats))

@@ -111,6 +111,8 @@ def main() -> None:
     p.add_argument("--checkpoints", type=int, default=64)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5)
+    p.add_argument("--frontends", default="1", help="PROMPTSERVE_FRONTENDS of the server")
+    p.add_argument("--host-budget-mib", type=int, default=2048, help="resident plans, host")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     bb = backbone(args.model)
@@ -121,7 +123,8 @@ def main() -> None:
     print(
         f"model {args.model} (random weights), {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, batching: max_batch_size {args.max_batch_size}, "
-        f"max_wait_ms {args.max_wait_ms}, {args.seconds:.0f} s per phase"
+        f"max_wait_ms {args.max_wait_ms}, {args.seconds:.0f} s per phase, "
+        f"front ends {args.frontends}"
     )
     raw = raw_encoder(bb, 32, args.seconds)
     print(f"1. raw batched encoder, in-process, batch 32: {raw:.1f} images/s")
@@ -131,8 +134,11 @@ def main() -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--model", args.model, "--pretrained",
          str(weights), "--store", f"file://{tmp / 'store'}", "--port", str(port),
-         "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)],
+         "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+         "--frontends", args.frontends],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PROMPTSERVE_LOCAL_JOBS": "false",
+             "PROMPTSERVE_HOST_BUDGET_MIB": str(args.host_budget_mib)},
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:

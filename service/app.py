@@ -32,6 +32,7 @@ from service.training.local_jobs import jobs_for
 from service.ui import routes as console
 
 log = logging.getLogger(__name__)
+UPLOAD_FRAMING = 64 * 2**10  # multipart boundary and part headers around an uploaded file
 
 
 class Remote(Protocol):
@@ -88,6 +89,9 @@ def create_app(
     app.add_middleware(
         BodyReader,
         limit=settings.max_body_bytes,
+        # a checkpoint upload is bounded by the checkpoint limit instead (an M²PT checkpoint with
+        # a 7B output head is ~275 MB), with room for the multipart framing around the file
+        limits={"/v1/checkpoints": settings.max_checkpoint_bytes + UPLOAD_FRAMING},
         timeout_s=settings.body_timeout_s,
         idle_timeout_s=settings.body_idle_timeout_s,
         on_disconnect=metrics.disconnects.inc,

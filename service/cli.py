@@ -1,4 +1,4 @@
-"""`promptserve` command line: serve | worker | train | eval | import | export | demo | checkpoints.
+"""`promptserve` command line: serve, worker, train, eval, import, convert-base, export, ...
 
 The flags that set the service are derived from `Settings` (same names, kebab-case, same types and
 descriptions) and override the PROMPTSERVE_* variables; pydantic-settings' CLI support builds the
@@ -28,6 +28,7 @@ from pydantic_settings import (
 from service.admin_cli import Checkpoints, Export
 from service.backbones.registry import load_backbone
 from service.errors import PromptServeError
+from service.importers.llava_base import ConvertBase
 from service.prompts.registry import METHODS, trainable
 from service.settings import LOOPBACK, Settings
 from service.training.datasets import KINDS
@@ -89,14 +90,8 @@ class ServeCommand(Command):
             logging.getLogger("promptserve").warning(
                 "auth: none (no API keys configured); listening on %s", settings.host
             )
-        frontends, why = split.frontend_count(settings)
-        problem = split.check(settings, frontends)
-        if problem is not None:
-            print(f"error (frontends): {problem}", file=sys.stderr)
-            return 2
-        if frontends > 1:
-            logging.getLogger("promptserve").info("%d front ends (%s)", frontends, why)
-            return split.serve_split(settings, frontends)
+        if (code := split.serve_if_split(settings)) is not None:
+            return code  # --frontends N > 1: the supervisor served
         # Load the backbone before binding, so missing weights are a clear error, not a crash loop.
         app = create_app(settings, backbone=load_backbone(settings))
         uvicorn.Server(server.config(app, settings)).run()
@@ -251,12 +246,9 @@ class ImportCommand(Command):
     method: str | None = None
     name: str
     classnames: str | None = Field(None, description="text file, one class name per line")
-    projector: Literal["auto", "yes", "no"] = Field(
-        "auto", description="m2pt: keep the trained projector (auto: when it differs)"
-    )
-    ctx_init: str | None = Field(
-        None, description="the run's CTX_INIT (default: none for CoOp/CoCoOp, 'a photo of a')"
-    )
+    drop: list[str] = Field([], description="m2pt: saved tensors (fnmatch) to leave out, recorded")
+    conversation: str = Field("llava_v1", description="m2pt: its template (vicuna_v1, none, ...)")
+    ctx_init: str | None = Field(None, description="CTX_INIT (CoOp/CoCoOp: none, 'a photo of a')")
     class_token_position: Literal["end", "middle", "front"] | None = Field(
         None, description="CoOp's CLASS_TOKEN_POSITION (default: the run directory's, else end)"
     )
@@ -285,7 +277,7 @@ class ImportCommand(Command):
         return 0
 
 
-IMPORT_OPTIONS = {"projector", "ctx_init", "class_token_position"}
+IMPORT_OPTIONS = {"drop", "conversation", "ctx_init", "class_token_position"}
 
 
 class WorkerCommand(Command):
@@ -358,8 +350,9 @@ def _sub(model: type[BaseModel], alias: str | None = None) -> Any:
 
 Promptserve = create_model(
     "promptserve", __base__=Root, __doc__=Root.__doc__, serve=_sub(Serve), worker=_sub(Worker),
-    train=_sub(Train), eval=_sub(Eval), import_=_sub(Import, alias="import"),
-    export=_sub(Export), demo=_sub(DemoCommand), checkpoints=_sub(Checkpoints),
+    train=_sub(Train), eval=_sub(Eval), import_=_sub(Import, alias="import"), export=_sub(Export),
+    convert_base=_sub(ConvertBase, alias="convert-base"), demo=_sub(DemoCommand),
+    checkpoints=_sub(Checkpoints),
 )  # fmt: skip
 
 

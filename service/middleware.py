@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +30,8 @@ MAX_JSON_VALUES = 200_000  # our largest request (a job of 2,000 uploaded images
 class BodyReader:
     """Read the whole request body before the app sees the request, within bounds.
 
-    - size: over `limit` bytes is a 413, at once from Content-Length, else while streaming;
+    - size: over `limit` bytes (or the path's own, in `limits`) is a 413, at once from
+      Content-Length, else while streaming;
     - time: a body that stalls for `idle_timeout_s` between chunks, or is not complete within
       `timeout_s`, is a 408 and the connection is closed (a client that sends headers and a few
       bytes, then stalls, held its slot for as long as it liked);
@@ -49,9 +50,10 @@ class BodyReader:
         on_disconnect: Callable[[], None] | None = None,
         receiving: Callable[[float], None] | None = None,
         max_json_values: int = MAX_JSON_VALUES,
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self.max_json_values = max_json_values
-        self.app, self.limit = app, limit
+        self.app, self.limit, self.limits = app, limit, dict(limits or {})
         self.timeout_s, self.idle_timeout_s = timeout_s, idle_timeout_s
         self.on_disconnect = on_disconnect
         self.receiving = receiving or (lambda delta: None)  # bodies being received (a gauge)
@@ -65,15 +67,16 @@ class BodyReader:
         if length is not None and not length.isdigit():
             await _reject(send, 400, "bad_request", "Content-Length is not a number")
             return
-        if length is not None and int(length) > self.limit:
-            await _reject(send, 413, BodyTooLarge.code, _too_large(self.limit))
+        limit = self.limits.get(scope.get("path", ""), self.limit)
+        if length is not None and int(length) > limit:
+            await _reject(send, 413, BodyTooLarge.code, _too_large(limit))
             return
         if length is None and b"transfer-encoding" not in headers:
             await self.app(scope, receive, send)  # no body (GET, DELETE, ...)
             return
         self.receiving(1)
         try:
-            body = await self._read(scope, receive, send)
+            body = await self._read(scope, receive, send, limit)
         finally:
             self.receiving(-1)
         if body is None:
@@ -99,7 +102,7 @@ class BodyReader:
 
         await self.app(scope, replay, send)
 
-    async def _read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    async def _read(self, scope: Scope, receive: Receive, send: Send, limit: int) -> bytes | None:
         """The body, or None once the client has been answered (413/408) or has left."""
         chunks: list[bytes] = []
         size = 0
@@ -126,8 +129,8 @@ class BodyReader:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                await _reject(send, 413, BodyTooLarge.code, _too_large(self.limit))
+            if size > limit:
+                await _reject(send, 413, BodyTooLarge.code, _too_large(limit))
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):

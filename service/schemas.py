@@ -104,6 +104,12 @@ class CheckpointList(BaseModel):
 class CheckpointDetail(CheckpointOut):
     versions: list[VersionOut]
     classnames: list[str] | None = None
+    dropped: list[dict[str, Any]] | None = Field(
+        default=None, description="trained tensors its import left out on purpose, and why"
+    )
+    conversation: dict[str, Any] | None = Field(
+        default=None, description="the conversation template it was trained with (answering)"
+    )
 
 
 class VersionDetail(VersionOut):

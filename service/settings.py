@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     )
     # the store and residency
     store: str = Field(default="file://var/store", description="file://DIR or redis://HOST:PORT/DB")
-    max_checkpoint_bytes: int = Field(default=256 * 2**20, ge=1024)
+    # a 7B output head in bf16 is 250 MiB (M²PT checkpoints carry one)
+    max_checkpoint_bytes: int = Field(default=320 * 2**20, ge=1024)
     # training jobs (run by `promptserve worker`)
     queue: str | None = Field(
         default=None,
@@ -137,7 +138,20 @@ class Settings(BaseSettings):
     zeroshot_cache_entries: int = Field(default=256, ge=1)
     # generation (backbone=llava)
     max_new_tokens: int = Field(default=256, ge=1, le=8192, description="default and cap")
-    gen_max_batch_size: int = Field(default=8, ge=1, le=256, description="rows per decode batch")
+    gen_max_batch_size: int = Field(
+        default=8, ge=1, le=256, description="rows per decode batch (continuous: KV slots)"
+    )
+    generation: Literal["continuous", "static"] = Field(
+        default="continuous",
+        description="continuous: requests join and leave the running batch at every step; "
+        "static: a batch runs until its last row ends (the baseline, for comparison)",
+    )
+    gen_max_len: int = Field(
+        default=0, ge=0, description="positions per KV slot (0: the model's maximum)"
+    )
+    gen_step_tokens: int = Field(
+        default=512, ge=2, description="tokens per step (decode rows + prefill chunks)"
+    )
 
     def read_keys(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

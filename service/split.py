@@ -22,11 +22,13 @@ import logging
 import os
 import shutil
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from service import server
+from service.backbones.registry import kind
 from service.engine.control import ControlBlock
 from service.engine.protocol import EngineClient
 from service.engine.remote import remote_engine
@@ -40,12 +42,18 @@ MAX_AUTO_FRONTENDS = 12
 ENGINE_CORES = 2  # the engine's event loop and batch thread, on a GPU host
 
 
+def splits(settings: Settings) -> bool:
+    """Whether the backbone's capabilities are served across processes (classify and embed
+    are; generation is not, see above)."""
+    return "answer" not in kind(settings.backbone).cls.capabilities
+
+
 def frontend_count(settings: Settings) -> tuple[int, str]:
     """How many front ends to run, and why (the start-up log says it)."""
     if settings.frontends != "auto":
         return settings.frontends, "--frontends"
-    if settings.backbone == "llava":
-        return 1, "LLaVA is served by one process"
+    if not splits(settings):
+        return 1, "the answer path is served by one process"
     if not settings.device.startswith("cuda"):
         return 1, "on a CPU device the engine needs the cores"
     if settings.queue is None and settings.local_jobs:
@@ -58,8 +66,8 @@ def check(settings: Settings, n: int) -> str | None:
     """Why `n` front ends cannot serve these settings (None: they can)."""
     if n <= 1:
         return None
-    if settings.backbone == "llava":
-        return "a LLaVA backbone is served by one process: use --frontends 1"
+    if not splits(settings):
+        return f"a {settings.backbone} backbone is served by one process: use --frontends 1"
     if settings.queue is None and settings.local_jobs:
         return (
             "training jobs run inside the service (PROMPTSERVE_LOCAL_JOBS), which needs one "
@@ -135,6 +143,20 @@ def frontend_process(
         uvicorn.Server(server.config(app, settings)).run(sockets=[sock])
     finally:
         control.close()
+
+
+def serve_if_split(settings: Settings) -> int | None:
+    """Serve with front-end processes when the settings ask for more than one (the exit
+    status), else None: one process serves, as the caller does."""
+    n, why = frontend_count(settings)
+    problem = check(settings, n)
+    if problem is not None:
+        print(f"error (frontends): {problem}", file=sys.stderr)
+        return 2
+    if n == 1:
+        return None
+    log.info("%d front ends (%s)", n, why)
+    return serve_split(settings, n)
 
 
 def serve_split(settings: Settings, n: int) -> int:

@@ -162,6 +162,8 @@ async def show(name: str, _: ReadAuth, store: StoreDep, engine: EngineDep) -> di
         "method": meta.get("method"),
         "classes": meta.get("classes"),
         "classnames": classnames,
+        "dropped": meta.get("dropped"),
+        "conversation": meta.get("conversation"),
         "versions": [_version_out(v, current) for v in versions],
     }
 

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.model import get_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import Tensor, nn
+from torchvision.transforms import Compose, Normalize, ToTensor
 
 from service.backbones import prompted
 from service.backbones.base import Capability
@@ -297,8 +299,37 @@ def _download(model_name: str, tag: str, cache_dir: str | None) -> nn.Module:
         ) from exc
 
 
-def transform_of(config: dict[str, Any]) -> Callable[[Any], Tensor]:
+def transform_of(config: dict[str, Any], crop_only: bool = False) -> Callable[[Any], Tensor]:
     """The evaluation transform open_clip builds from a preprocessing config (PIL image in,
-    normalized `[3, H, W]` float tensor out)."""
+    normalized `[3, H, W]` float tensor out). `crop_only`: its PIL steps only (resize, crop,
+    mode), as a `[3, H, W]` uint8 tensor: `normalizer(config)` finishes it bit for bit."""
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    full = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    if not crop_only:
+        return full
+    steps = full.transforms
+    if not (isinstance(steps[-2], ToTensor) and isinstance(steps[-1], Normalize)):
+        raise BackboneError(
+            f"unexpected preprocessing (no ToTensor + Normalize at its end): {full}"
+        )
+    return Compose([*steps[:-2], _uint8_chw])
+
+
+def _uint8_chw(image: Any) -> Tensor:
+    """A PIL RGB image as `[3, H, W]` uint8: ToTensor's layout, before its float conversion."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalizer(config: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    """`[N, 3, H, W]` uint8 crops -> the model's normalized float32 input, with the operations
+    torchvision's ToTensor and Normalize run, in their order (float, / 255, - mean, / std): the
+    same numbers as the full transform, on whichever device the crops are."""
+    mean = torch.tensor(config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(config["std"], dtype=torch.float32).view(1, -1, 1, 1)
+
+    def normalize(crops: Tensor) -> Tensor:
+        x = crops.to(torch.float32).div(255)
+        return x.sub_(mean.to(x.device)).div_(std.to(x.device))
+
+    return normalize

@@ -1,10 +1,5 @@
 """The frozen LLaVA backbone (transformers) and its M²PT-prompted forward.
 
-Weights, as for CLIP: `--pretrained none` builds random weights from the config in `--model`
-(only when asked for by name, logged loudly), a local directory is read with `from_pretrained`,
-anything else downloads `--model` from the Hugging Face hub where the network allows. A missing
-weight is an error that names the fix; we never fall back to random weights.
-
 The prompted forward (M²PT, arXiv 2409.15657) is written here rather than patched into
 transformers' modules, so one frozen model serves prompted and plain requests side by side:
 
@@ -23,46 +18,41 @@ transformers' modules, so one frozen model serves prompted and plain requests si
   the prompts' keys and values are carried by the KV cache.
 * positions: prompts take 0..n-1, then each row's tokens (left padding masked out); position ids
   are the cumulative sum of the attention mask, as `generate` computes.
+* projector and output head: each row may carry its checkpoint's own (the reference trains
+  both); rows are grouped by the tensors they use (grouped.py). Loading: llava_loading.py.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.backbones import grouped
 from service.backbones.base import Capability
 from service.backbones.clip import PRECISIONS, fingerprint_state
-from service.errors import BackboneError, BadRequest, WeightsUnavailable
-
-log = logging.getLogger(__name__)
-
-OFFLINE_FIX = (
-    "Fix: pass --pretrained PATH to a local directory saved by transformers' save_pretrained "
-    "(a LLaVA model with its processor), or --pretrained none with --model CONFIG_DIR for random "
-    "weights (tests and benchmarks only)."
+from service.backbones.conversation import (
+    DEFAULT_CHAT_TEMPLATE,
+    IMAGE,
+    Conversation,
+    chunked_ids,
 )
-# LLaVA-1.5's conversation format, used when a processor ships no chat template.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+from service.errors import BackboneError, BadRequest
 
 
 @dataclass(frozen=True)
 class Prompts:
-    """Per-sample M²PT tensors of one batch (every row has the same shapes)."""
+    """Per-row M²PT tensors of one batch: prompts of one shape, and each row's own projector
+    and output head (None: the base's), so rows of different checkpoints share a batch."""
 
     vision: Tensor | None = None  # [B, Lv, nv, d_vision]
     text: Tensor | None = None  # [B, Lt, nt, d_text]
-    projector: Mapping[str, Tensor] | None = None  # replaces the projector for the whole batch
+    projectors: tuple[Mapping[str, Tensor] | None, ...] = ()  # per row; (): the base's for all
+    heads: tuple[Tensor | None, ...] = ()  # per row `[V, d_text]`; (): the base's for all
 
     @property
     def n_text(self) -> int:
@@ -83,6 +73,7 @@ class DecodeState:
     cache: Any
     attention_mask: Tensor  # [B, S]
     last_position: Tensor  # [B]
+    heads: tuple[Tensor | None, ...] = ()  # each row's output head, as in `Prompts`
 
 
 def _text_prompt_hook(index: int) -> Any:
@@ -96,6 +87,21 @@ def _text_prompt_hook(index: int) -> Any:
         return (hidden, *args[1:]), kwargs
 
     return hook
+
+
+def _one_linear(projector: nn.Module) -> bool:
+    """LLaVA v1's projector is one Linear; the served form (transformers' two-layer projector,
+    see importers/llava_base.py) holds it as `linear_1` with a linear activation and an identity
+    `linear_2`, which this detects so that only `linear_1` is trained, carried and computed."""
+    act, second = getattr(projector, "act", None), getattr(projector, "linear_2", None)
+    if type(act).__name__ not in ("LinearActivation", "Identity") or not isinstance(
+        second, nn.Linear
+    ):
+        return False
+    w = second.weight.detach()
+    if w.shape[0] != w.shape[1] or not torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)):
+        return False
+    return second.bias is None or not bool(second.bias.detach().any())
 
 
 class LlavaBackbone:
@@ -136,6 +142,7 @@ class LlavaBackbone:
             )
         self.lm: Any = model.model.language_model
         self.projector: nn.Module = model.model.multi_modal_projector
+        self.one_linear = _one_linear(self.projector)
         self.n_vision_layers = len(self.tower.encoder.layers)
         # index into the tower's hidden states (embeddings, then each layer's output) = layers run
         self.feature_layers = cfg.vision_feature_layer % (self.n_vision_layers + 1)
@@ -182,7 +189,18 @@ class LlavaBackbone:
         return int(getattr(self.model.config.text_config, "max_position_embeddings", 4096))
 
     def projector_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in self.projector.state_dict().items()}
+        """The projector's trainable tensors: LLaVA v1's one Linear is `linear_1` (the served
+        form's `linear_2` is a fixed identity, see `_one_linear`), LLaVA-1.5's both layers."""
+        return {
+            k: tuple(v.shape)
+            for k, v in self.projector.state_dict().items()
+            if not (self.one_linear and k.startswith("linear_2."))
+        }
+
+    @property
+    def head_shape(self) -> tuple[int, int]:
+        """The output head's `[vocab, d_text]`."""
+        return (int(self.model.lm_head.weight.shape[0]), int(self.model.lm_head.weight.shape[1]))
 
     # --- inputs ---------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[Any]) -> Tensor:
@@ -191,12 +209,26 @@ class LlavaBackbone:
         return out["pixel_values"].to(self.device, self.dtype)
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], n_images: int, n_visual: int = 0
+        self,
+        messages: list[dict[str, Any]],
+        n_images: int,
+        n_visual: int = 0,
+        conversation: Conversation | None = None,
     ) -> list[int]:
         """Token ids of a conversation ending with the assistant's turn; image tokens expanded
-        to `image_tokens(n_visual)` each (`n_visual`: the plan's visual prompts per layer)."""
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.encode_text(text, n_images, n_visual)
+        to `image_tokens(n_visual)` each (`n_visual`: the plan's visual prompts per layer).
+        `conversation`: the checkpoint's own template (else the processor's chat template)."""
+        if conversation is None:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            return self.encode_text(text, n_images, n_visual)
+        text = conversation.render(messages)
+        if not conversation.chunked:
+            return self.encode_text(text, n_images, n_visual)
+        if text.count(IMAGE) != n_images:
+            raise BadRequest(f"{text.count(IMAGE)} image markers for {n_images} images")
+        return chunked_ids(
+            self.tokenizer, text, [self.image_token_id] * self.image_tokens(n_visual)
+        )
 
     def encode_text(self, text: str, n_images: int, n_visual: int = 0) -> list[int]:
         """Token ids of text holding `n_images` `<image>` markers, each expanded to its features."""
@@ -214,17 +246,12 @@ class LlavaBackbone:
         patches = (vc.image_size // vc.patch_size) ** 2
         return int(n_visual + 1 + patches - (1 if self.strategy == "default" else 0))
 
-    @property
-    def image_seq_length(self) -> int:
-        """Image tokens per image without visual prompts (transformers' own expansion)."""
-        return self.image_tokens(0)
-
     # --- the prompted forward ------------------------------------------------------------------
     def image_features(
         self,
         pixel_values: Tensor,
         vision: Tensor | None = None,
-        projector: Mapping[str, Tensor] | None = None,
+        projectors: Sequence[Mapping[str, Tensor] | None] = (),
     ) -> Tensor:
         """`[N, image_tokens(nv), text_width]`: deep-prompted vision tower, then the projector.
 
@@ -241,9 +268,17 @@ class LlavaBackbone:
             if i < self.feature_layers:
                 hidden = self.tower.encoder.layers[i](hidden, None)
         feats = hidden[:, 1:] if self.strategy == "default" else hidden
-        if projector is None:
+        return grouped.apply(feats, projectors, self.project)
+
+    def project(self, feats: Tensor, weights: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The projector, with a checkpoint's own tensors in place of the base's ones it names."""
+        if self.one_linear:  # the identity tail is exact; skip its d x d product
+            lin = self.projector.get_submodule("linear_1")
+            w: dict[str, Tensor] = {**dict(lin.named_parameters("linear_1")), **(weights or {})}
+            return F.linear(feats, w["linear_1.weight"], w.get("linear_1.bias"))
+        if weights is None:
             return self.projector(feats)
-        return torch.func.functional_call(self.projector, dict(projector), (feats,))
+        return torch.func.functional_call(self.projector, dict(weights), (feats,))
 
     def layout(self, rows: Sequence[Sequence[int]], n_text: int) -> tuple[Tensor, Tensor, Tensor]:
         """`[prompt slots | left padding | tokens]` ids, attention mask and position ids."""
@@ -262,17 +297,23 @@ class LlavaBackbone:
         self, ids: Tensor, pixel_values: Tensor | None, prompts: Prompts = NO_PROMPTS
     ) -> Tensor:
         """Token embeddings with image features scattered into the image-token positions."""
-        embeds = self.lm.embed_tokens(ids)
         slots = ids == self.image_token_id
         slots[:, : prompts.n_text] = False  # prompt slots hold pad ids, but be explicit
+        # image slots are never looked up (LLaVA v1 bases put the placeholder past the vocabulary)
+        embeds = self.lm.embed_tokens(ids.masked_fill(slots, self.pad_id))
         if pixel_values is None:
             if slots.any():
                 raise BadRequest("image tokens in the text but no image was given")
             return embeds
-        vision = prompts.vision
+        vision, projectors = prompts.vision, prompts.projectors
+        with_image = slots.any(-1)
         if vision is not None:  # only rows holding an image get their vision prompts
-            vision = vision[slots.any(-1)]
-        feats = self.image_features(pixel_values, vision, prompts.projector)
+            vision = vision[with_image]
+        if projectors:
+            projectors = tuple(
+                p for p, keep in zip(projectors, with_image.tolist(), strict=True) if keep
+            )
+        feats = self.image_features(pixel_values, vision, projectors)
         if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
             raise BadRequest(
                 f"{int(slots.sum())} image tokens in the text for {feats.shape[0]} image(s) of "
@@ -302,8 +343,8 @@ class LlavaBackbone:
             **extra,
         )
         hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
-        logits = self.model.lm_head(hidden)
-        state = DecodeState(out.cache, mask, positions[:, -1]) if use_cache else None
+        logits = grouped.head_logits(hidden, prompts.heads, self.model.lm_head.weight)
+        state = DecodeState(out.cache, mask, positions[:, -1], prompts.heads) if use_cache else None
         return logits, state
 
     def decode(self, state: DecodeState, tokens: Tensor) -> Tensor:
@@ -321,7 +362,9 @@ class LlavaBackbone:
             use_cache=True,
         )
         state.cache = out.cache
-        return self.model.lm_head(out.last_hidden_state[:, -1])
+        return grouped.head_logits(
+            out.last_hidden_state[:, -1], state.heads, self.model.lm_head.weight
+        )
 
     @torch.no_grad()
     def greedy(
@@ -348,53 +391,3 @@ class LlavaBackbone:
                 full = [list(r) + o for r, o in zip(rows, out, strict=True)]
                 logits, _ = self.forward(full, pixel_values, prompts)
         return out
-
-
-def load_llava(
-    model_name: str,
-    pretrained: str,
-    *,
-    device: str = "cpu",
-    precision: str = "fp32",
-    cache_dir: str | None = None,
-) -> LlavaBackbone:
-    """Build the frozen LLaVA from a local directory, the hub, or `none` (random, from a config)."""
-    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
-
-    source = pretrained if os.path.isdir(pretrained) else model_name
-    if not source:
-        raise BackboneError(f"--model must name a LLaVA directory or hub id. {OFFLINE_FIX}")
-    local = os.path.isdir(source)
-    if not local and (os.path.sep in source and not source.count("/") == 1):
-        raise WeightsUnavailable(f"LLaVA directory {source} does not exist. {OFFLINE_FIX}")
-    kwargs: dict[str, Any] = {"cache_dir": cache_dir, "local_files_only": local}
-    try:
-        processor = AutoProcessor.from_pretrained(source, **kwargs)
-        if pretrained == "none":
-            log.warning(
-                "RANDOM WEIGHTS: LLaVA %s built with --pretrained none; answers are meaningless "
-                "(tests, benchmarks)",
-                model_name,
-            )
-            model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(source, **kwargs))
-        else:
-            model = LlavaForConditionalGeneration.from_pretrained(
-                source, dtype=torch.float32, **kwargs
-            )
-    except (OSError, ValueError) as exc:
-        raise WeightsUnavailable(
-            f"could not load LLaVA {source!r} (missing files, no network, or not a LLaVA "
-            f"checkpoint: {exc}). {OFFLINE_FIX}"
-        ) from exc
-    backbone = LlavaBackbone(
-        model, processor, model_name or source, pretrained, device=device, precision=precision
-    )
-    log.info(
-        "LLaVA %s (%s) on %s/%s, fingerprint %s",
-        backbone.model_name,
-        pretrained,
-        device,
-        precision,
-        backbone.fingerprint[:19],
-    )
-    return backbone

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from service.backbones.base import Backbone, Capability
 from service.backbones.clip import ClipBackbone, load_clip
-from service.backbones.llava import LlavaBackbone, load_llava
+from service.backbones.llava import LlavaBackbone
+from service.backbones.llava_loading import load_llava
 from service.errors import BackboneError
 from service.settings import Settings
 

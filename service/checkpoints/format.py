@@ -1,6 +1,8 @@
 """The checkpoint format: one `.safetensors` file per version, a JSON manifest in its metadata.
 
-Tensors are the method's trainable parameters as trained (float32, not materialized). Loading
+Tensors are the method's trainable parameters as trained (not materialized): float32, or
+bfloat16 where the method's config says so (a reference trained them in bf16: widening would
+double a 7B output head's 262 MB for nothing). Loading
 validates everything before anything is used, and every failure is a typed error whose message
 says what to change. Uploaded bytes are never unpickled: safetensors only.
 """
@@ -41,7 +43,8 @@ from service.prompts.registry import METHODS, AnyMethod, get_method
 
 FORMAT = 1
 METADATA_KEY = "promptserve"
-MAX_CHECKPOINT_BYTES = 256 * 2**20
+# room for one 7B output head in bf16 (32000 x 4096 x 2 = 250 MiB) with its prompts and projector
+MAX_CHECKPOINT_BYTES = 320 * 2**20
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_CLASSES = 10_000
 MAX_CLASSNAME_CHARS = 200
@@ -49,6 +52,7 @@ MAX_TEMPLATES = 100
 MAX_TEMPLATE_CHARS = 300
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PARAM_DTYPE = torch.float32
+STORED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class BackboneRef(BaseModel):
@@ -71,6 +75,8 @@ class Manifest(BaseModel):
     templates: list[str] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] | None = None
+    # trained tensors of the source left out on purpose (`promptserve import --drop`): what is lost
+    dropped: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     parent: int | None = None
 
@@ -131,8 +137,12 @@ def check_templates(templates: Sequence[Any]) -> list[str]:
 
 
 def dump(params: Mapping[str, Tensor], manifest: Manifest) -> bytes:
-    """Serialize a checkpoint (float32 contiguous CPU tensors + manifest) to safetensors bytes."""
-    tensors = {k: v.detach().to("cpu", PARAM_DTYPE).contiguous() for k, v in params.items()}
+    """Serialize a checkpoint (contiguous CPU tensors, bfloat16 kept, anything else float32, +
+    manifest) to safetensors bytes."""
+    tensors = {
+        k: v.detach().to("cpu", v.dtype if v.dtype in STORED_DTYPES else PARAM_DTYPE).contiguous()
+        for k, v in params.items()
+    }
     return st_save(tensors, metadata={METADATA_KEY: manifest.model_dump_json()})
 
 
@@ -155,7 +165,7 @@ def _header(data: bytes) -> dict[str, Any]:
 
 
 def parse(data: bytes, max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
-    """Structure-level reading: size, safetensors layout, manifest schema, finite float32 values."""
+    """Structure-level reading: size, safetensors layout, manifest schema, finite float values."""
     if len(data) > max_bytes:
         raise CheckpointTooLarge(f"checkpoint is {len(data)} bytes; the limit is {max_bytes}")
     header = _header(data)
@@ -178,8 +188,10 @@ def parse(data: bytes, max_bytes: int = MAX_CHECKPOINT_BYTES) -> Checkpoint:
     except Exception as exc:  # safetensors raises its own error types for lying offsets etc.
         raise MalformedCheckpoint(f"corrupt safetensors payload: {exc}") from exc
     for key, tensor in params.items():
-        if tensor.dtype != PARAM_DTYPE:
-            raise DtypeMismatch(f"tensor {key!r} is {tensor.dtype}; checkpoints store float32")
+        if tensor.dtype not in STORED_DTYPES:
+            raise DtypeMismatch(
+                f"tensor {key!r} is {tensor.dtype}; checkpoints store float32 (or bfloat16)"
+            )
         if not torch.isfinite(tensor).all():
             raise NonFiniteTensor(f"tensor {key!r} contains NaN or Inf values")
     if manifest.classnames or _names_classes(manifest.method):
@@ -225,7 +237,12 @@ def validate(ckpt: Checkpoint, backbone: Backbone) -> Any:
     extra = sorted(set(ckpt.params) - set(expected))
     if extra:
         raise ExtraTensor(f"{m.method} checkpoint has unexpected tensor(s) {', '.join(extra)}")
+    dtype = method.param_dtype(cfg)
     for key, shape in expected.items():
+        if ckpt.params[key].dtype != dtype:
+            raise DtypeMismatch(
+                f"tensor {key!r} is {ckpt.params[key].dtype}; this {m.method} config stores {dtype}"
+            )
         got = tuple(ckpt.params[key].shape)
         if got != tuple(shape):
             raise ShapeMismatch(

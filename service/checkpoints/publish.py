@@ -18,6 +18,9 @@ class Published:
     active: bool
 
 
+SHOWN_DROPPED = 50  # the manifest has them all; store metadata is bounded (64 KiB)
+
+
 def publish(
     store: ps.PromptStore,
     backbone: Backbone,
@@ -38,6 +41,10 @@ def publish(
         "backbone": m.backbone.fingerprint,
         "created_at": m.created_at,
         "metrics": m.metrics,
+        # what an import left out on purpose (GET /v1/checkpoints/{name}); bounded for the store
+        "dropped": m.dropped[:SHOWN_DROPPED]
+        + ([{"more": len(m.dropped) - SHOWN_DROPPED}] if len(m.dropped) > SHOWN_DROPPED else []),
+        "conversation": m.method_config.get("conversation"),
     }
     with store_errors():
         version = store.put(m.name, data, meta, activate=activate)

@@ -18,7 +18,9 @@ from torch import Tensor
 
 from service import errors
 from service.backbones.llava import LlavaBackbone
-from service.engine.generation import Event, GenerationEngine, Sampling
+from service.engine.continuous import ContinuousEngine
+from service.engine.gen_request import Event, Sampling
+from service.engine.generation import GenerationEngine
 from service.engine.residency import Residency
 from service.images import ImageLimits, decode_base64, open_image
 from service.prompts.m2pt import PLAIN_ANSWER_PLAN, AnswerPlan
@@ -74,7 +76,7 @@ class Generation:
 
     backbone: LlavaBackbone
     residency: Residency
-    engine: GenerationEngine
+    engine: GenerationEngine | ContinuousEngine
     limits: ImageLimits
     timeout_s: float
     max_new_tokens: int
@@ -124,7 +126,8 @@ class Generation:
         plan, name, version = await self.plan(ref)
         try:
             # the plan decides how many positions each image takes (visual prompts add some)
-            ids = self.backbone.encode_chat(messages, len(images), plan.n_visual)
+            # and the template: a checkpoint's own (the one it was trained with) by default
+            ids = self.backbone.encode_chat(messages, len(images), plan.n_visual, plan.conversation)
         except errors.PromptServeError:
             raise
         except Exception as exc:  # a chat template refusing the roles' order, for one
@@ -153,6 +156,28 @@ def user_message(instruction: str, with_image: bool) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
+def make_engine(
+    settings: Settings, backbone: LlavaBackbone, on_batch: Callable[[int], None] | None = None
+) -> GenerationEngine | ContinuousEngine:
+    """The generation engine `PROMPTSERVE_GENERATION` names (continuous unless asked)."""
+    if settings.generation == "static":
+        return GenerationEngine(
+            backbone,
+            max_batch_size=settings.gen_max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            on_batch=on_batch,
+        )
+    return ContinuousEngine(
+        backbone,
+        slots=settings.gen_max_batch_size,
+        max_len=settings.gen_max_len or None,
+        step_tokens=max(settings.gen_step_tokens, settings.gen_max_batch_size + 1),
+        max_queue=settings.max_queue,
+        on_batch=on_batch,
+    )
+
+
 @asynccontextmanager
 async def start_generation(
     settings: Settings,
@@ -161,13 +186,7 @@ async def start_generation(
     on_batch: Callable[[int], None] | None = None,
 ) -> AsyncIterator[Generation]:
     """The answer path on a LLaVA backbone: the generation engine, warmed up."""
-    engine = GenerationEngine(
-        backbone,
-        max_batch_size=settings.gen_max_batch_size,
-        max_wait_ms=settings.max_wait_ms,
-        max_queue=settings.max_queue,
-        on_batch=on_batch,
-    )
+    engine = make_engine(settings, backbone, on_batch)
     await engine.start()
     try:
         generation = Generation(

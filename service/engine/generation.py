@@ -6,8 +6,9 @@ shapes; different checkpoints may share a batch, their prompts are stacked per r
 batch is full or `max_wait_ms` has passed, and hands the batch to ONE worker thread: one
 left-padded prefill, then decode steps from the KV cache until every row has stopped (EOS,
 its own `max_new_tokens`, its deadline, or its caller leaving). Tokens go back to each caller
-as they are made, so streaming costs nothing extra. Continuous batching (admitting requests
-into a running batch) is not done: a request arriving mid-batch waits for the next one.
+as they are made, so streaming costs nothing extra. A request arriving mid-batch waits for the
+next batch: kept as `PROMPTSERVE_GENERATION=static`, the baseline engine/continuous.py is
+measured against (bench/llava.py).
 """
 
 from __future__ import annotations
@@ -17,54 +18,30 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from service.backbones.llava import LlavaBackbone
+from service.engine.gen_request import (
+    Event,
+    GenRequest,
+    Sampling,
+    alive,
+    check_request,
+    generator,
+    sample,
+)
 from service.engine.queue_worker import QueueWorker
-from service.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded
+from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.prompts.m2pt import AnswerPlan, batch_prompts
+
+__all__ = ["Event", "GenerationEngine", "Sampling"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Event:
-    """What a caller receives: new token ids, or the end (with why), or an error."""
-
-    tokens: tuple[int, ...] = ()
-    finish_reason: str | None = None  # "stop" | "length" once finished
-    error: BaseException | None = None
-
-
-@dataclass(eq=False)
-class _Request:
-    ids: list[int]
-    pixels: Tensor | None  # [1, 3, H, W]
-    plan: AnswerPlan
-    sampling: Sampling
-    deadline: float | None
-    queue: asyncio.Queue[Event]
-    loop: asyncio.AbstractEventLoop
-    left: bool = False  # the caller stopped listening
-    generated: list[int] = field(default_factory=list)
-
-    def send(self, event: Event) -> None:
-        with contextlib.suppress(RuntimeError):  # loop already closed: nobody listens
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-
-class GenerationEngine(QueueWorker[_Request]):
+class GenerationEngine(QueueWorker[GenRequest]):
     """Batches generation requests onto one LLaVA in one dedicated worker thread."""
 
     kind = "gen"
@@ -85,7 +62,7 @@ class GenerationEngine(QueueWorker[_Request]):
         self.backbone = backbone
         self.batches: list[int] = []  # sizes of recent batches (tests and benchmarks read it)
 
-    def _refuse(self, request: _Request) -> None:
+    def _refuse(self, request: GenRequest) -> None:
         request.send(Event(error=NotReady("shutting down")))
 
     # --- callers ---------------------------------------------------------------------------------
@@ -104,27 +81,13 @@ class GenerationEngine(QueueWorker[_Request]):
         """
         if self._closing or self._task is None:
             raise NotReady("shutting down" if self._closing else "generation engine not started")
-        n_text = 0 if plan.text is None else int(plan.text.shape[1])
-        total = n_text + len(ids) + sampling.max_new_tokens
-        if total > self.backbone.max_positions:
-            raise BadRequest(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) "
-                f"exceeds the model's {self.backbone.max_positions} positions"
-            )
-        # checked here, not in the batch: a mismatch would fail every request sharing it
-        per_image = self.backbone.image_tokens(plan.n_visual)
-        expected = 0 if pixels is None else int(pixels.shape[0]) * per_image
-        if (found := ids.count(self.backbone.image_token_id)) != expected:
-            raise BadRequest(
-                f"{found} image tokens for {expected // per_image} image(s) of {per_image} "
-                f"positions under this plan (encode with its n_visual = {plan.n_visual})"
-            )
+        check_request(self.backbone, ids, pixels, plan, sampling, self.backbone.max_positions)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
         if (depth := len(self._queue)) >= self._max_queue:
             raise Overloaded(f"server overloaded: {depth} requests queued; retry with backoff")
         loop = asyncio.get_running_loop()
-        request = _Request(ids, pixels, plan, sampling, deadline, asyncio.Queue(), loop)
+        request = GenRequest(ids, pixels, plan, sampling, deadline, asyncio.Queue(), loop)
         self._queue.append(request)
         self._arrived.set()
         try:
@@ -179,7 +142,7 @@ class GenerationEngine(QueueWorker[_Request]):
                 for r in batch:
                     r.send(Event(error=exc))
 
-    async def _gather(self) -> list[_Request] | None:
+    async def _gather(self) -> list[GenRequest] | None:
         first = await self._take_first()
         if first is None:
             return None
@@ -191,7 +154,7 @@ class GenerationEngine(QueueWorker[_Request]):
                 if len(batch) >= self._max_batch:
                     break
                 self._queue.remove(r)
-                if _alive(r):
+                if alive(r):
                     batch.append(r)
             remaining = window_end - time.monotonic()
             if len(batch) >= self._max_batch or remaining <= 0 or self._closing:
@@ -201,13 +164,13 @@ class GenerationEngine(QueueWorker[_Request]):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 break
-        return [r for r in batch if _alive(r)]
+        return [r for r in batch if alive(r)]
 
-    async def _take_first(self) -> _Request | None:
+    async def _take_first(self) -> GenRequest | None:
         while True:
             while self._queue:
                 request = self._queue.popleft()
-                if _alive(request):
+                if alive(request):
                     return request
             if self._closing:
                 return None
@@ -215,7 +178,7 @@ class GenerationEngine(QueueWorker[_Request]):
             await self._arrived.wait()
 
     # --- the worker thread -------------------------------------------------------------------
-    def _generate(self, batch: list[_Request]) -> None:
+    def _generate(self, batch: list[GenRequest]) -> None:
         try:
             with torch.inference_mode():
                 self._run(batch)
@@ -224,17 +187,17 @@ class GenerationEngine(QueueWorker[_Request]):
             for r in batch:
                 r.send(Event(error=exc))
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _run(self, batch: list[GenRequest]) -> None:
         bb = self.backbone
         prompts = batch_prompts([r.plan for r in batch], bb.dtype)
         with_image = [r.pixels for r in batch if r.pixels is not None]
         pixels = torch.cat(with_image).to(bb.device, bb.dtype) if with_image else None
         logits, state = bb.forward([r.ids for r in batch], pixels, prompts, use_cache=True)
         assert state is not None
-        gens = [_generator(r.sampling.seed) for r in batch]
+        gens = [generator(r.sampling.seed) for r in batch]
         active = [True] * len(batch)
         while True:
-            nxt = [_sample(logits[i], r.sampling, gens[i]) for i, r in enumerate(batch)]
+            nxt = [sample(logits[i], r.sampling, gens[i]) for i, r in enumerate(batch)]
             now = time.monotonic()
             for i, r in enumerate(batch):
                 if not active[i]:
@@ -255,30 +218,3 @@ class GenerationEngine(QueueWorker[_Request]):
             if not any(active):
                 return
             logits = bb.decode(state, torch.tensor(nxt, dtype=torch.long))
-
-
-def _alive(request: _Request) -> bool:
-    if request.left:
-        return False
-    if request.deadline is not None and time.monotonic() >= request.deadline:
-        request.send(Event(error=DeadlineExceeded("deadline passed while the request waited")))
-        return False
-    return True
-
-
-def _generator(seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator().manual_seed(int(seed))
-
-
-def _sample(logits: Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise nucleus sampling (on the CPU: seeded generators)."""
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # always keeps the first
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))

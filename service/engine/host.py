@@ -14,12 +14,16 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+import torch
+from torch import Tensor
+
 import prompts_store as ps
 from service.backbones.base import Backbone
-from service.backbones.clip import ClipBackbone
+from service.backbones.clip import ClipBackbone, normalizer
 from service.engine.control import ControlBlock
 from service.engine.core import Engine, start_engine
 from service.engine.ipc import Blobs, EngineServer, Handler
@@ -38,6 +42,11 @@ class Handlers:
     def __init__(self, engine: Engine, shm_dir: Path) -> None:
         self.engine, self.shm_dir = engine, shm_dir
         self.readers: dict[str, SlotReader] = {}
+        self.normalize: Callable[[Tensor], Tensor] | None = None
+        self.device = torch.device("cpu")
+        if "classify" in engine.capabilities:
+            clip = cast(ClipBackbone, engine.backbone)
+            self.normalize, self.device = normalizer(clip.preprocess_config()), clip.device
 
     def table(self) -> dict[str, Handler]:
         return {
@@ -67,7 +76,7 @@ class Handlers:
             answer["side"] = image_input.side
             if image_input.preprocess is not None:  # else: the engine decodes bytes itself
                 answer["preprocess"] = clip.preprocess_config()
-                answer["slot_shape"] = [3, *clip.image_size]
+                answer["slot_shape"] = [3, *clip.image_size]  # uint8 crops
         return answer, ()
 
     async def status(self, body: dict[str, Any], blobs: list[memoryview]) -> tuple[Any, Blobs]:
@@ -123,7 +132,10 @@ class Handlers:
     def _images(self, body: dict[str, Any], blobs: list[memoryview]) -> Images:
         if "encoded" in body:  # compressed bytes for the device decoder
             return tuple(bytes(b) for b in blobs)
-        return self._reader(body["segment"], body["count"]).read(body["slots"])
+        crops = self._reader(body["segment"], body["count"]).read(body["slots"])
+        assert self.normalize is not None  # slots are sent only to a classify engine
+        # uint8 crops cross (a quarter of float32's bytes); normalized where the model runs
+        return self.normalize(crops.to(self.device, non_blocking=True))
 
     def _reader(self, segment: str, count: int) -> SlotReader:
         reader = self.readers.get(segment)
@@ -133,7 +145,7 @@ class Handlers:
             for name in [n for n in self.readers if not (self.shm_dir / n).exists()]:
                 self.readers.pop(name).close()
             clip = cast(ClipBackbone, self.engine.backbone)
-            reader = SlotReader(segment, count, [3, *clip.image_size], self.shm_dir)
+            reader = SlotReader(segment, count, [3, *clip.image_size], self.shm_dir, torch.uint8)
             self.readers[segment] = reader
         return reader
 

@@ -97,7 +97,9 @@ class RemoteEngine:
         self.conn, self.generation, self._hello, self._status = conn, generation, hello, status
         self._input = self._image_input(hello)
         if self.pool is None and hello.get("slot_shape") is not None:
-            self.pool = SlotPool(self.pool_name, self.slot_count, hello["slot_shape"])
+            self.pool = SlotPool(
+                self.pool_name, self.slot_count, hello["slot_shape"], dtype=torch.uint8
+            )
         self._watch_pid(pid)
         self._ready = True
         log.info("connected to the engine (pid %d, generation %d)", pid, generation)
@@ -263,7 +265,9 @@ class RemoteEngine:
     @staticmethod
     def _image_input(hello: dict[str, Any]) -> ImageInput:
         cfg = hello.get("preprocess")
-        return ImageInput(None if cfg is None else transform_of(cfg), int(hello.get("side", 0)))
+        # the PIL steps here, as uint8 crops; the engine finishes them (engine/host.py)
+        preprocess = None if cfg is None else transform_of(cfg, crop_only=True)
+        return ImageInput(preprocess, int(hello.get("side", 0)))
 
 
 @contextlib.asynccontextmanager

@@ -18,6 +18,7 @@ from service.checkpoints import Checkpoint
 from service.errors import BadRequest, InvalidContent
 from service.prompts.dassl import DasslLayout
 from service.prompts.m2pt import M2PTOutput
+from service.prompts.method import Importer
 from service.prompts.registry import METHODS, get_method
 
 Converted = tuple[Checkpoint, bytes, str]
@@ -25,6 +26,7 @@ Reader = Callable[..., Converted]
 
 
 def _dassl(
+    hooks: dict[str, Importer],
     src: str | Path,
     *,
     name: str,
@@ -48,6 +50,7 @@ def _dassl(
 
 
 def _m2pt(
+    hooks: dict[str, Importer],
     src: str | Path,
     *,
     name: str,
@@ -60,13 +63,19 @@ def _m2pt(
 
     if not isinstance(backbone, LlavaBackbone):
         raise InvalidContent("M²PT checkpoints import onto a LLaVA backbone: pass --backbone llava")
+    layouts = {n: h for n, h in hooks.items() if isinstance(h, M2PTOutput)}
+    (method, layout), *_ = layouts.items()  # the method whose hook reads M²PT's output
     ckpt, data = import_m2pt(
-        src, name=name, backbone=backbone, projector=options.get("projector", "auto")
-    )
-    cfg = ckpt.manifest.method_config
-    projector = "trained" if cfg["train_projector"] else "frozen"
-    tokens = f"{cfg['n_visual']} visual and {cfg['n_text']} textual prompt tokens"
-    return ckpt, data, f"{tokens}, projector {projector}"
+        src, name=name, backbone=backbone, drop=options.get("drop") or (),
+        conversation=options.get("conversation") or "llava_v1", layout=layout, method=method,
+    )  # fmt: skip
+    cfg, m = ckpt.manifest.method_config, ckpt.manifest
+    trained = [p for p, on in (("projector", "train_projector"), ("head", "train_head")) if cfg[on]]
+    return ckpt, data, (
+        f"{cfg['n_visual']} visual and {cfg['n_text']} textual prompt tokens, trained "
+        f"{' and '.join(trained) or 'prompts only'}, {m.metrics['equal_to_base']} tensors "
+        f"equal to the base, {len(m.dropped)} dropped"
+    )  # fmt: skip
 
 
 # The file format each kind of importer hook reads.
@@ -87,13 +96,13 @@ def convert_file(
     With `method`, that method's importer; without, the importers of the methods that run on
     the served backbone (the Dassl reader then decides the method from the file's keys)."""
     if method is not None:
-        hooks = [get_method(method).importer]
+        hooks = {method: get_method(method).importer}
     else:
-        hooks = [m.importer for m in METHODS.values() if m.backbone_kind == backbone.kind]
-    for hook, read in READERS:
-        if any(isinstance(h, hook) for h in hooks):
+        hooks = {n: m.importer for n, m in METHODS.items() if m.backbone_kind == backbone.kind}
+    for kind, read in READERS:
+        if found := {n: h for n, h in hooks.items() if isinstance(h, kind)}:
             return read(
-                src, name=name, method=method, backbone=backbone, classnames=classnames,
+                found, src, name=name, method=method, backbone=backbone, classnames=classnames,
                 options=options,
             )  # fmt: skip
     raise BadRequest(

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
@@ -89,7 +90,12 @@ class Method(Protocol[B, C, P]):
         ...
 
     def shapes(self, backbone: B, cfg: C, classnames: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        """Name -> exact shape of every trainable tensor on this backbone (all float32)."""
+        """Name -> exact shape of every trainable tensor on this backbone."""
+        ...
+
+    def param_dtype(self, cfg: C) -> torch.dtype:
+        """The dtype every tensor of its checkpoints is stored in (float32 unless the config
+        keeps what a reference trained in bfloat16)."""
         ...
 
     def init(
@@ -146,6 +152,10 @@ class MethodBase(Generic[Cfg]):
     def trainable(self) -> bool:
         """False for methods with nothing to train (zero-shot)."""
         return self.recipe is not None
+
+    def param_dtype(self, cfg: Cfg) -> torch.dtype:
+        """Checkpoints store float32 unless a method says otherwise."""
+        return torch.float32
 
     def config(self, raw: Mapping[str, Any] | None = None) -> Cfg:
         """Validated config with the published defaults filled in."""

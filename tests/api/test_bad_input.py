@@ -254,3 +254,22 @@ def test_deadline_is_504_without_compute(make_client, upload, backbone, monkeypa
     gate.set()
     t.join()
     assert len(sizes) == 1  # the expired request never reached the encoder
+
+
+def test_a_checkpoint_upload_is_bounded_by_the_checkpoint_limit_not_the_body_limit(
+    make_client, backbone
+):
+    """An M²PT checkpoint with a 7B output head (~275 MB) is larger than any other request: its
+    upload route takes the checkpoint limit, every other route keeps the body limit."""
+    c = make_client(max_body_bytes=2048, max_checkpoint_bytes=2**20)
+    blob = checkpoint(backbone, name="big", method="maple", config={"depth": 2})
+    assert 2048 < len(blob) < 2**20
+    r = c.post("/v1/checkpoints", files={"file": ("big.safetensors", blob)})
+    assert r.status_code == 201, r.text
+    huge = b"x" * (2**20 + 2**17)  # past the checkpoint limit and the multipart allowance
+    _err(c.post("/v1/checkpoints", files={"file": ("h.safetensors", huge)}), 413, "body_too_large")
+    _err(
+        c.post("/v1/classify", content=b"x" * 5000, headers={"content-type": "application/json"}),
+        413,
+        "body_too_large",
+    )

@@ -19,7 +19,7 @@ def test_every_section_runs_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # cuda-tests is left out: it runs tests of this suite, which skip here without CUDA anyway
-    sections = "environment,runtimes,decode,issue16,peers,issue21"
+    sections = "environment,runtimes,decode,issue16,frontends,peers,issue21"
     cmd = [sys.executable, "-m", "bench.gpu", "--dry-run", "--budget-s", "1500", "--phase-s", "1",
            "--json", str(out), "--var", str(tmp_path / "var"), "--sections", sections]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
@@ -36,9 +36,29 @@ def test_every_section_runs_on_the_cpu(tmp_path):
     assert set(results["decode"]["probe"]) >= {"baseline 4:2:0", "progressive", "CMYK"}
     assert {r["decode"] for r in results["decode"]["served"]} == {"gpu", "cpu"}
     assert {"raw_img_s", "served", "ratio"} <= set(results["issue16"][0])
+    assert [r["model"] for r in results["issue16"]] == [
+        "tiny, 1 front end(s)",
+        "tiny, 2 front end(s)",
+    ]
+    assert results["frontends"]["table"].count("| json | 224 |") == 2
     rows = results["peers"]
     assert any("skipped" in r for r in rows if r["label"].startswith("Infinity"))
     assert {"promptserve eager fp32", "promptserve ONNX int8"} <= {r["label"] for r in rows}
     for row in results["decode"]["served"] + [r for r in rows if "statuses" in r]:
         assert set(row["statuses"]) <= {"200", 200}  # whatever was answered was answered well
-    assert [r["streams"] for r in results["issue21"]["rows"]] == [1, 2]
+    assert [r["streams"] for r in results["issue21"]["rows"]] == [1, 2, 1, 2]
+
+
+def test_the_llava_section_runs_both_engines_on_the_cpu(tmp_path):
+    """Issue 21's section alone (the tiny LLaVA stands in for the 7B-shaped one)."""
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "bench.gpu", "--dry-run", "--budget-s", "600", "--json", str(out),
+           "--var", str(tmp_path / "var"), "--sections", "environment,issue21"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["issue21"]["rows"]
+    assert [(r["engine"], r["streams"]) for r in rows] == [
+        ("continuous", 1), ("continuous", 2), ("static", 1), ("static", 2)]  # fmt: skip
+    for r in rows:
+        assert r["tokens_s"] > 0 and r["of_bound"] > 0 and r["ttft_max_s"] >= r["ttft_p50_s"]

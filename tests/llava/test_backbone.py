@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.backbones.llava import LlavaBackbone, load_llava
+from service.backbones.llava import LlavaBackbone
+from service.backbones.llava_loading import load_llava
 from service.errors import WeightsUnavailable
 from service.prompts.m2pt import M2PT, batch_prompts
 

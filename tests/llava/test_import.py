@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from service.backbones.llava import LlavaBackbone
 from service.checkpoints import materialize
 from service.cli import main
-from service.errors import InvalidContent, MalformedCheckpoint
+from service.errors import BackboneMismatch, InvalidContent, MalformedCheckpoint
 from service.importers.m2pt import import_m2pt
 from service.prompts.m2pt import M2PT, batch_prompts
 
@@ -26,14 +26,25 @@ VIS = "model.vision_tower.vision_tower.vision_model.encoder.prompts.{}"
 TXT = "model.prompts.{}"
 
 
-def reference_state(llava: LlavaBackbone, nv: int = 4, nt: int = 5) -> dict[str, torch.Tensor]:
-    """What train_PT.py's save_model writes, for a tiny config (prompts scaled to matter)."""
+def reference_state(
+    llava: LlavaBackbone, nv: int = 4, nt: int = 5, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """What train_PT.py's save_model writes, on LLaVA-1.5's two-layer projector: the whole model
+    in LLaVA's key names (bf16), the prompts (scaled to matter) and a trained projector."""
     gen = torch.Generator().manual_seed(7)
+    state = {}
+    for key, value in llava.model.state_dict().items():
+        if key.startswith("model.language_model."):
+            state["model." + key.removeprefix("model.language_model.")] = value
+        elif key.startswith("model.vision_tower."):
+            rest = key.removeprefix("model.vision_tower.")
+            rest = rest if rest.startswith("vision_model.") else "vision_model." + rest
+            state["model.vision_tower.vision_tower." + rest] = value
+        elif key == "lm_head.weight":
+            state[key] = value
     clip_layers = len(llava.tower.encoder.layers)  # the reference prompts every CLIP layer
-    state = {
-        VIS.format(i): torch.randn(1, nv, llava.vision_width, generator=gen) * 2
-        for i in range(clip_layers)
-    }
+    for i in range(clip_layers):
+        state[VIS.format(i)] = torch.randn(1, nv, llava.vision_width, generator=gen) * 2
     for i in range(llava.text_layers):
         state[TXT.format(i)] = torch.randn(1, nt, llava.text_width, generator=gen) * 2
     for ref, ours in (("0", "linear_1"), ("2", "linear_2")):
@@ -42,18 +53,14 @@ def reference_state(llava: LlavaBackbone, nv: int = 4, nt: int = 5) -> dict[str,
             state[f"model.mm_projector.{ref}.{part}"] = frozen + 0.3 * torch.randn(
                 frozen.shape, generator=gen
             )
-    # frozen weights the importer must leave alone
-    state["model.embed_tokens.weight"] = torch.zeros(8, llava.text_width)
-    state["lm_head.weight"] = torch.zeros(8, llava.text_width)
-    state["model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight"] = torch.ones(4)
-    return {k: v.to(torch.bfloat16) for k, v in state.items()}  # the run saves bf16
+    return {k: v.to(dtype) for k, v in state.items()}  # the recipe's run saves bf16
 
 
 def expected_params(
     llava: LlavaBackbone, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Our tensors built directly: the used visual layers, every textual layer, the projector."""
-    f = {k: v.float() for k, v in state.items()}
+    f = state
     return {
         "visual_prompts": torch.cat([f[VIS.format(i)] for i in range(llava.vision_layers)]),
         "text_prompts": torch.cat([f[TXT.format(i)] for i in range(llava.text_layers)]),
@@ -95,6 +102,8 @@ def test_sharded_output_imports_and_answers_as_our_tensors(
         assert torch.equal(ckpt.params[k], v), k
     cfg = ckpt.manifest.method_config
     assert (cfg["n_visual"], cfg["n_text"], cfg["train_projector"]) == (4, 5, True)
+    assert not cfg["train_head"] and "head.weight" not in ckpt.params  # its head is the base's
+    assert ckpt.manifest.metrics["equal_to_base"] == len(llava.model.state_dict()) - 4
     # feature layer -2: the last layer's prompt is written into the selected state, so all count
     assert cfg["visual_depth"] == llava.vision_layers == len(llava.tower.encoder.layers)
     method = M2PT()
@@ -106,7 +115,7 @@ def test_sharded_output_imports_and_answers_as_our_tensors(
 
 
 def test_safetensors_file_and_frozen_projector(llava: LlavaBackbone, tmp_path: Path) -> None:
-    state = {k: v.float() for k, v in reference_state(llava, nv=2, nt=3).items()}
+    state = reference_state(llava, nv=2, nt=3, dtype=torch.float32)  # a run without --bf16
     for ours, ref in (("linear_1", "0"), ("linear_2", "2")):  # projector left frozen in the run
         for part in ("weight", "bias"):
             state[f"model.mm_projector.{ref}.{part}"] = llava.projector.state_dict()[
@@ -116,10 +125,9 @@ def test_safetensors_file_and_frozen_projector(llava: LlavaBackbone, tmp_path: P
     save_file(state, str(path))
     ckpt, _ = import_m2pt(path, name="frozen", backbone=llava)
     assert ckpt.manifest.method_config["train_projector"] is False
+    assert ckpt.manifest.method_config["dtype"] == "float32"  # a float32 save stays float32
     assert set(ckpt.params) == {"visual_prompts", "text_prompts"}
     assert tuple(ckpt.params["text_prompts"].shape) == (llava.text_layers, 3, llava.text_width)
-    forced, _ = import_m2pt(path, name="forced", backbone=llava, projector="yes")
-    assert "projector.linear_1.weight" in forced.params
 
 
 def test_bad_reference_files_are_clear_errors(llava: LlavaBackbone, tmp_path: Path) -> None:
@@ -128,7 +136,7 @@ def test_bad_reference_files_are_clear_errors(llava: LlavaBackbone, tmp_path: Pa
     with pytest.raises(MalformedCheckpoint, match=r"layers 0\.\.N"):
         import_m2pt(write_sharded(state, tmp_path / "hole"), name="x", backbone=llava)
     empty = tmp_path / "empty.bin"
-    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, empty)
+    torch.save({k: v for k, v in reference_state(llava).items() if "prompts" not in k}, empty)
     with pytest.raises(MalformedCheckpoint, match="no M²PT prompts"):
         import_m2pt(empty, name="x", backbone=llava)
     wide = reference_state(llava)
@@ -159,21 +167,22 @@ def test_cli_import_m2pt(
 
 
 def llava_from_dir(path: Path) -> LlavaBackbone:
-    from service.backbones.llava import load_llava
+    from service.backbones.llava_loading import load_llava
 
     return load_llava(str(path), str(path))
 
 
-def test_a_single_linear_projector_is_never_dropped_silently(
+def test_a_single_linear_projector_on_a_two_layer_base_is_a_base_mismatch(
     llava: LlavaBackbone, tmp_path: Path
 ) -> None:
-    """The paper's code may build LLaVA v1's one-Linear projector, which ours cannot hold."""
+    """LLaVA v1's one Linear has linear_1's shape on LLaVA-1.5: it must not slip in before the
+    base's second layer (serve a v1 base: promptserve convert-base)."""
     state = {k: v for k, v in reference_state(llava).items() if "mm_projector" not in k}
     state["model.mm_projector.weight"] = torch.zeros(llava.text_width, llava.vision_width)
     state["model.mm_projector.bias"] = torch.zeros(llava.text_width)
     path = write_sharded(state, tmp_path / "v1")
-    for projector in ("auto", "yes"):
-        with pytest.raises(InvalidContent, match="single Linear"):
-            import_m2pt(path, name="v1", backbone=llava, projector=projector)
-    ckpt, _ = import_m2pt(path, name="v1", backbone=llava, projector="no")
-    assert not any(k.startswith("projector.") for k in ckpt.params)
+    with pytest.raises(BackboneMismatch, match="one Linear projector"):
+        import_m2pt(path, name="v1", backbone=llava)
+    (path / "config.json").write_text(json.dumps({"mm_hidden_size": llava.vision_width}))
+    with pytest.raises(BackboneMismatch, match="mm_projector_type linear"):
+        import_m2pt(path, name="v1", backbone=llava)

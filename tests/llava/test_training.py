@@ -57,17 +57,23 @@ def fresh() -> LlavaBackbone:
     return make_backbone(0, init_range=0.3)  # larger weights: prompts can move the output
 
 
-@pytest.mark.parametrize("train_projector", [False, True])
+@pytest.mark.parametrize(("train_projector", "train_head"), [(False, False), (True, True)])
 def test_training_lowers_the_loss_and_the_checkpoint_is_served(
-    fresh: LlavaBackbone, tmp_path: Path, train_projector: bool
+    fresh: LlavaBackbone, tmp_path: Path, train_projector: bool, train_head: bool
 ) -> None:
+    """Prompts alone, and as the reference's recipe trains: with the projector and the head."""
     before = fingerprint_state(fresh.model.state_dict())
     store = open_store(f"file://{tmp_path / 'store'}")
     spec = TrainSpec(
         name="colours",
         method="m2pt",
         dataset=DatasetSpec(kind="llava_json", split_file=str(conversations(tmp_path))),
-        method_config={"n_visual": 4, "n_text": 4, "train_projector": train_projector},
+        method_config={
+            "n_visual": 4,
+            "n_text": 4,
+            "train_projector": train_projector,
+            "train_head": train_head,
+        },
         recipe={"lr": 0.05, "epochs": 25, "batch_size": 4},
     )
     rows: list[dict[str, object]] = []
@@ -79,6 +85,10 @@ def test_training_lowers_the_loss_and_the_checkpoint_is_served(
     assert fingerprint_state(fresh.model.state_dict()) == before  # the backbone did not move
     keys = set(result.result.params)
     assert ("projector.linear_1.weight" in keys) == train_projector
+    assert ("head.weight" in keys) == train_head
+    if train_head:  # it moved from the base's, where it started
+        moved = result.result.params["head.weight"] - fresh.model.lm_head.weight.detach()
+        assert float(moved.abs().max()) > 1e-3
     assert {"visual_prompts", "text_prompts"} <= keys
     assert result.published.version == 1 and store.current("colours") == 1
     store.close()

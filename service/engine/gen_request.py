@@ -1,0 +1,133 @@
+"""What both generation engines (static and continuous) share: a request, its sampling settings,
+the events a caller receives, the checks made before a request is queued, and token sampling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from service.backbones.llava import LlavaBackbone
+from service.errors import BadRequest, DeadlineExceeded
+from service.prompts.m2pt import AnswerPlan
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a caller receives: new token ids, or the end (with why), or an error."""
+
+    tokens: tuple[int, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class GenRequest:
+    ids: list[int]
+    pixels: Tensor | None  # [1, 3, H, W]
+    plan: AnswerPlan
+    sampling: Sampling
+    deadline: float | None
+    queue: asyncio.Queue[Event]
+    loop: asyncio.AbstractEventLoop
+    left: bool = False  # the caller stopped listening
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def positions(self) -> int:
+        """KV positions the request may fill: its prompt slots, its tokens, its answer."""
+        return self.plan_text + len(self.ids) + self.sampling.max_new_tokens
+
+    @property
+    def plan_text(self) -> int:
+        return 0 if self.plan.text is None else int(self.plan.text.shape[1])
+
+    def send(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # loop already closed: nobody listens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+def check_request(
+    bb: LlavaBackbone,
+    ids: list[int],
+    pixels: Tensor | None,
+    plan: AnswerPlan,
+    sampling: Sampling,
+    max_positions: int,
+) -> None:
+    """Refuse, before queueing, what would fail inside a batch (and fail every row with it)."""
+    n_text = 0 if plan.text is None else int(plan.text.shape[1])
+    if n_text + len(ids) + sampling.max_new_tokens > max_positions:
+        raise BadRequest(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) "
+            f"exceeds the {max_positions} positions a request may use"
+        )
+    per_image = bb.image_tokens(plan.n_visual)
+    expected = 0 if pixels is None else int(pixels.shape[0]) * per_image
+    if (found := ids.count(bb.image_token_id)) != expected:
+        raise BadRequest(
+            f"{found} image tokens for {expected // per_image} image(s) of {per_image} "
+            f"positions under this plan (encode with its n_visual = {plan.n_visual})"
+        )
+
+
+def alive(request: GenRequest) -> bool:
+    """False (and the caller told, if its deadline passed) when a request should not run."""
+    if request.left:
+        return False
+    if request.deadline is not None and time.monotonic() >= request.deadline:
+        request.send(Event(error=DeadlineExceeded("deadline passed while the request waited")))
+        return False
+    return True
+
+
+def generator(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(int(seed))
+
+
+def sample(logits: Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
+    """Greedy at temperature 0; otherwise nucleus sampling (on the CPU: seeded generators)."""
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # always keeps the first
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+async def follow(request: GenRequest) -> AsyncIterator[Event]:
+    """The events of a queued request until its last; its deadline is kept here too (a row
+    stuck behind others never holds its caller past it). Leaving marks the request `left`:
+    the engine frees its row at the next step."""
+    try:
+        while True:
+            deadline = request.deadline
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+            try:
+                event = await asyncio.wait_for(request.queue.get(), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded("deadline passed while generating") from None
+            if event.error is not None:
+                raise event.error
+            yield event
+            if event.finish_reason is not None:
+                return
+    finally:
+        request.left = True
