@@ -156,3 +156,22 @@ def sign_in(page: Any, key: str) -> None:
     expect(page.locator("#auth-badge")).to_have_text(
         "Admin key" if key == ADMIN else "Read-only key"
     )
+
+
+def classify(page: Any) -> Any:
+    """Press Classify and wait for its answer; fail with the API's error (the page shows it as
+    an alert) and the request's body when it is one. Returns the results section."""
+    bodies: list[str] = []
+
+    def sent(request: Any) -> None:
+        if request.url.endswith("/v1/classify"):
+            bodies.append((request.post_data or "")[:400])
+
+    page.on("request", sent)
+    page.get_by_role("button", name="Classify", exact=True).click()
+    results = page.locator("section[aria-labelledby='res-h']")
+    expect(results.locator(".result, [role='alert']").first).to_be_visible()
+    alert = results.get_by_role("alert")
+    assert alert.count() == 0, (alert.inner_text(), bodies)
+    page.remove_listener("request", sent)
+    return results

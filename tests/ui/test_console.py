@@ -9,7 +9,7 @@ import re
 from playwright.sync_api import expect
 
 from tests.procs import COLOURS, png
-from tests.ui.conftest import ADMIN, READ, sign_in
+from tests.ui.conftest import ADMIN, READ, classify, sign_in
 
 
 def test_root_leads_to_the_console_which_sends_the_key_only_as_a_bearer_header(server, new_page):
@@ -46,7 +46,7 @@ def test_classify_an_image_end_to_end(server, new_page, tmp_path):
     page.get_by_label("Checkpoint", exact=True).fill("pets")
     page.get_by_label("Checkpoint", exact=True).dispatch_event("change")
     page.get_by_label(re.compile("^Zero-shot beside it")).check()
-    page.get_by_role("button", name="Classify", exact=True).click()
+    classify(page)
 
     result = page.get_by_role("article", name="Results for green.png")
     expect(result.locator(".answer")).to_have_count(2)
@@ -74,7 +74,7 @@ def test_examples_and_two_versions_side_by_side(server, new_page):
     page.get_by_label(re.compile("^Zero-shot beside it")).uncheck()
     page.get_by_role("button", name=re.compile("Compare with another")).click()
     page.get_by_role("combobox", name="Version").nth(1).select_option("2")
-    page.get_by_role("button", name="Classify", exact=True).click()
+    classify(page)
     result = page.get_by_role("article", name="Results for red.png")
     expect(result.locator(".answer")).to_have_count(2)
     expect(result.locator(".answer h3").nth(0)).to_contain_text("v1")
@@ -94,7 +94,7 @@ def test_compare_an_old_version_with_the_live_one_from_its_checkpoint(server, ne
     expect(page.get_by_label("Version").nth(0)).to_have_value("2")
     expect(page.get_by_label("Version").nth(1)).to_have_value("1")
     expect(page.get_by_label(re.compile("^Zero-shot beside it"))).not_to_be_checked()
-    page.get_by_role("button", name="Classify", exact=True).click()
+    classify(page)
     heads = page.get_by_role("article", name="Results for red.png").locator(".answer h3")
     expect(heads).to_have_count(2)
     expect(heads.nth(0)).to_contain_text("v2")
@@ -105,7 +105,7 @@ def test_adhoc_classnames(server, new_page):
     page = new_page(server.url, READ)
     page.get_by_text("Ad-hoc classes").click()
     page.get_by_label("Class names, one per line").fill("red thing\nblue thing")
-    page.get_by_role("button", name="Classify", exact=True).click()
+    classify(page)
     answer = page.get_by_role("article", name="Results for red.png").locator(".answer")
     expect(answer.locator("h3")).to_contain_text("zero-shot")
     expect(answer.locator(".bar-row")).to_have_count(2)

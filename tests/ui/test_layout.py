@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.procs import COLOURS, png
-from tests.ui.conftest import ADMIN, READ
+from tests.ui.conftest import ADMIN, READ, classify
 
 PHONE = {"width": 390, "height": 844}  # a common phone's CSS viewport
 
@@ -41,7 +41,7 @@ def test_an_image_dropped_on_the_page_is_classified(server, new_page):
     page.get_by_label("Checkpoint", exact=True).fill("dropped")
     page.get_by_label("Checkpoint", exact=True).dispatch_event("change")
     page.get_by_label(re.compile("^Zero-shot beside it")).uncheck()
-    page.get_by_role("button", name="Classify", exact=True).click()
+    classify(page)
     answer = page.get_by_role("article", name="Results for dropped.png").locator(".answer")
     expect(answer).to_have_count(1)
     expect(answer.locator(".bar-label > span:first-child")).to_have_text([p["label"] for p in want])
@@ -88,7 +88,7 @@ def test_every_screen_fits_a_phone(server, new_page, screen, ready):
         page.get_by_label("Checkpoint", exact=True).fill("phone")
         page.get_by_label("Checkpoint", exact=True).dispatch_event("change")
         expect(page.locator(".thumbs .thumb img").first).to_be_visible()
-        page.get_by_role("button", name="Classify", exact=True).click()
+        classify(page)
     else:
         page.goto(f"{server.url}/ui/#/{screen}")
     expect(page.locator(ready).first).to_be_visible()
