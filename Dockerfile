@@ -26,6 +26,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 COPY README.md ./
 COPY service ./service
 COPY prompts_store ./prompts_store
+COPY promptserve ./promptserve
 RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps . \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 

@@ -28,16 +28,16 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest
 
 lint: $(STAMP) imports
-	$(VENV)/bin/ruff check service prompts_store tests bench
-	$(VENV)/bin/ruff format --check service prompts_store tests bench
+	$(VENV)/bin/ruff check service prompts_store promptserve tests bench
+	$(VENV)/bin/ruff format --check service prompts_store promptserve tests bench
 
 # The layer contracts in pyproject.toml ([tool.importlinter]): imports only point down.
 imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format service prompts_store tests bench
-	$(VENV)/bin/ruff check --fix service prompts_store tests bench
+	$(VENV)/bin/ruff format service prompts_store promptserve tests bench
+	$(VENV)/bin/ruff check --fix service prompts_store promptserve tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

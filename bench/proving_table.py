@@ -1,7 +1,7 @@
 """The proving-ground table of docs/METHODS.md: zero-shot and every method, base / novel / HM on
 shifted domains, mean over seeds, with trainable parameters and training time.
 
-    .venv/bin/python bench/proving_table.py --domains gray,noise --seeds 0,1,2
+    .venv/bin/python bench/proving_table.py --domains gray,noise,dusk,falsecolour --seeds 0,1,2
 
 Every figure is reproducible from the seeds (the backbone is pre-trained with seed 0 and cached).
 The recipe is the short one of the tests and the demo (the published recipes are tuned for
@@ -33,7 +33,7 @@ FAST, CONFIG = PROVING_RECIPE, PROVING_CONFIG
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--domains", default="gray,noise")
+    p.add_argument("--domains", default="gray,noise,dusk,falsecolour")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(trainable("classify")))
     args = p.parse_args()

@@ -27,9 +27,11 @@ from pydantic_settings import (
 
 from service.admin_cli import Checkpoints, Export
 from service.backbones.registry import load_backbone
+from service.demo import DemoCommand
 from service.errors import PromptServeError
 from service.importers.llava_base import ConvertBase
 from service.prompts.registry import METHODS, trainable
+from service.remote_cli import Classify
 from service.settings import LOOPBACK, Settings
 from service.training.datasets import KINDS
 
@@ -301,18 +303,6 @@ class WorkerCommand(Command):
         return 0
 
 
-class DemoCommand(Command):
-    """offline demo: proving ground, trained checkpoints, service"""
-
-    store: str = Field("file://var/demo/store", description="where the demo's checkpoints go")
-    port: int = 8000
-
-    def run(self) -> int:
-        from service.demo import run_demo
-
-        return run_demo(self.store, self.port)
-
-
 def _choices(names: Sequence[str]) -> Any:
     return Literal[tuple(names)]  # a Literal built from the registry: argparse choices
 
@@ -352,7 +342,7 @@ Promptserve = create_model(
     "promptserve", __base__=Root, __doc__=Root.__doc__, serve=_sub(Serve), worker=_sub(Worker),
     train=_sub(Train), eval=_sub(Eval), import_=_sub(Import, alias="import"), export=_sub(Export),
     convert_base=_sub(ConvertBase, alias="convert-base"), demo=_sub(DemoCommand),
-    checkpoints=_sub(Checkpoints),
+    checkpoints=_sub(Checkpoints), classify=_sub(Classify),
 )  # fmt: skip
 
 

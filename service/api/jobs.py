@@ -4,68 +4,16 @@ separate `promptserve worker`; this router only talks to the queue."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, Field
 
 from service.api.deps import AdminAuth, JobsDep, ReadAuth
 from service.api.errors import COMMON, responses
+from service.schemas import JobOut
 from service.training.runs import TrainSpec
 
 router = APIRouter(tags=["jobs"])
-
-
-class JobProgress(BaseModel):
-    """Where a running job is: epoch (1-based) of epochs, optimizer steps done of the total (the
-    total and the ETA are known once the first epoch has ended), running loss and accuracy."""
-
-    epoch: int
-    epochs: int
-    step: int | None = None
-    steps: int | None = None
-    loss: float
-    acc: float
-    eta_s: float | None = None
-
-
-class JobPoint(BaseModel):
-    """One point of the live curves: the running loss and accuracy at an optimizer step."""
-
-    epoch: int
-    step: int | None = None
-    loss: float
-    acc: float
-
-
-class JobResult(BaseModel):
-    name: str
-    version: int
-    metrics: dict[str, Any]
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class JobOut(BaseModel):
-    """A training job; fields without a value are left out."""
-
-    id: str
-    state: Literal["queued", "started", "finished", "failed", "cancelled"]
-    name: str | None = None
-    method: str | None = None
-    created_at: str | None = None
-    started_at: str | None = None
-    ended_at: str | None = None
-    progress: JobProgress | None = None
-    history: list[JobPoint] | None = Field(
-        default=None, description="progress so far, oldest first (bounded: thinned past 256)"
-    )
-    result: JobResult | None = None
-    error: JobError | None = None
-    cancel_requested: bool | None = None
 
 
 _OUT: dict[str, Any] = {"response_model": JobOut, "response_model_exclude_none": True}

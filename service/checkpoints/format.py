@@ -88,6 +88,10 @@ class Checkpoint(BaseModel):
     manifest: Manifest
     params: dict[str, Tensor]
 
+    def to_bytes(self) -> bytes:
+        """The `.safetensors` file of this checkpoint (what `POST /v1/checkpoints` takes)."""
+        return dump(self.params, self.manifest)
+
 
 def normalize_classname(name: str) -> str:
     """NFC, whitespace collapsed: the form class names are compared and stored in."""

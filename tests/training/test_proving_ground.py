@@ -93,8 +93,20 @@ def test_domains_differ_in_the_background_only() -> None:
     assert set(checker[:, 0].unique().tolist()) == {40, 150}
     noise = draw["noise"][back].float()
     assert noise.std() > 20 and noise.mean() > 15  # black clipped below: the mean rises
-    for target in pg.TARGETS:
+    for target in ("gray", "noise", "checker"):
         assert (draw[target].float() - source.float()).abs().mean() > 15, target
+
+
+def test_camera_domains_are_the_source_scene_through_another_camera() -> None:
+    labels = torch.arange(32)
+    draw = {d: pg.render(labels, d, torch.Generator().manual_seed(5)) for d in pg.DOMAINS}
+    source = draw["source"].float()
+    # dusk: every pixel at half the light (rounded as the uint8 image is)
+    assert torch.equal(draw["dusk"], (source * 0.5).round().to(torch.uint8))
+    assert (source - draw["dusk"].float()).abs().mean() > 5  # a real shift, not a rounding
+    # falsecolour: the channels rotated, the scene otherwise unchanged
+    assert torch.equal(draw["falsecolour"], draw["source"][..., [2, 0, 1]])
+    assert not torch.equal(draw["falsecolour"], draw["source"])
 
 
 def test_to_model_input_agrees_with_the_backbone_preprocess(short_build: dict[str, Any]) -> None:
