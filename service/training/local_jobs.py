@@ -271,7 +271,8 @@ def jobs_for(settings: Settings) -> JobQueue | LocalJobs | None:
     """What runs training jobs for a service with these settings: the Redis queue when there is
     one (`promptserve worker` processes run them), else this service's own child process
     (`PROMPTSERVE_LOCAL_JOBS`), else nothing (the jobs routes answer 503 and say why)."""
-    from service.training.jobs import JobQueue, queue_url_for
+    from service.training.jobs import JobQueue
+    from service.training.queue_conn import queue_url_for
 
     queue_url = queue_url_for(settings.queue, settings.store)
     if queue_url is not None:  # lazy client: a Redis outage answers 503 on /v1/jobs only
