@@ -6,12 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test check lint imports format typecheck clean system-deps run demo
 
-# Tests start their own redis-server on loopback; install Debian's package where it is missing.
+# Tests start their own redis-server on loopback, and drive the web console in Debian's chromium
+# (Playwright from PyPI with executable_path: its own browser download is not used). Install the
+# Debian packages that are missing.
+SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (Debian package) for the store tests"; \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the tests:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -72,6 +72,8 @@ class FileStore(PromptStore):
         self._check_interval = check_interval
         self._full_resync = full_resync_interval
         self._changes = ChangeLog(self.root / "_events", log_max_bytes)
+        # names() as of (change counter, monotonic time): see names()
+        self._names: tuple[int, float, tuple[str, ...]] | None = None
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         try:
             for sub in ("_locks", "_deleted", "_events", "_trash"):
@@ -241,12 +243,28 @@ class FileStore(PromptStore):
         return out
 
     def names(self) -> list[str]:
-        """Every name with at least one stored version, sorted."""
+        """Every name with at least one stored version, sorted.
+
+        Telling a committed name from a first upload in progress takes one directory listing
+        per name (0.4 s for 10,000 on tmpfs), so the answer is reused while the store's change
+        counter stands: every put and delete (of any process) bumps it after committing. Reused
+        for at most the watchers' full-resync interval, as they do, in case a change committed
+        but failed to announce itself."""
+        generation = self._changes.generation()
+        cached, now = self._names, time.monotonic()
+        if cached is not None and cached[0] == generation and now - cached[1] < self._names_ttl:
+            return list(cached[2])
         try:
             entries = os.listdir(self.root)
         except OSError as exc:
             raise fsio.unavailable(exc, f"list {self.root}") from exc
-        return sorted(e for e in entries if is_valid_name(e) and self._committed(e))
+        names = sorted(e for e in entries if is_valid_name(e) and self._committed(e))
+        self._names = (generation, now, tuple(names))
+        return names
+
+    @property
+    def _names_ttl(self) -> float:
+        return self._full_resync if self._full_resync is not None else 30.0
 
     def current(self, name: str) -> int | None:
         """The current version of `name`, None if none is active; NotFound if no such name."""

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 import prompts_store as ps
 from prompts_store import open_store
 from service import __version__
-from service.api import answer, checkpoints, classify, errors, jobs, ops
+from service.api import answer, checkpoints, classify, errors, introspect, jobs, ops
 from service.api.frontend import FrontEnd
 from service.backbones.base import Backbone
 from service.backbones.registry import load_backbone
@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.middleware import BodyReader, RequestId
 from service.settings import Settings
 from service.training.local_jobs import jobs_for
+from service.ui import routes as console
 
 log = logging.getLogger(__name__)
 UPLOAD_FRAMING = 64 * 2**10  # multipart boundary and part headers around an uploaded file
@@ -81,8 +82,9 @@ def create_app(
     app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, metrics
     app.state.engine = app.state.frontend = app.state.store = app.state.jobs = None
-    for module in (classify, answer, checkpoints, jobs, ops):
+    for module in (classify, answer, checkpoints, jobs, ops, introspect):
         app.include_router(module.router)
+    console.install(app)  # /ui (the web console) and / leading to it
     errors.install(app, metrics)
     app.add_middleware(
         BodyReader,

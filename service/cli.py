@@ -290,9 +290,10 @@ class WorkerCommand(Command):
 
     def run(self) -> int:
         from service.training import jobs
+        from service.training.queue_conn import queue_url_for
 
         settings = self.settings()
-        url = jobs.queue_url_for(settings.queue, settings.store)
+        url = queue_url_for(settings.queue, settings.store)
         if url is None:
             print("error (not_ready): the worker needs a Redis queue: set PROMPTSERVE_QUEUE="
                   "redis://... (or use a redis:// store)", file=sys.stderr)  # fmt: skip

@@ -107,6 +107,7 @@ def prepare(store_url: str, port: int, root: Path = Path("var/demo")) -> Demo:
         host="127.0.0.1",
         port=port,
         runs_dir=str(root / "runs"),
+        examples_dir=str(images),  # the console offers them, ready to classify
     )
     return Demo(settings, backbone, images, rows, shown, classnames)
 

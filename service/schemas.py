@@ -93,7 +93,12 @@ class CheckpointOut(BaseModel):
 
 
 class CheckpointList(BaseModel):
+    """One page of checkpoint names (every name when no `limit` was given)."""
+
     checkpoints: list[CheckpointOut]
+    total: int = Field(description="names matching `q`, over all pages")
+    offset: int = 0
+    limit: int | None = None
 
 
 class CheckpointDetail(CheckpointOut):
@@ -107,6 +112,15 @@ class CheckpointDetail(CheckpointOut):
     )
 
 
+class VersionDetail(VersionOut):
+    """One version with what its file says: the manifest and its trained tensors."""
+
+    name: str
+    manifest: dict[str, Any]
+    tensors: dict[str, list[int]] = Field(description="parameter name -> shape")
+    parameters: int = Field(description="trainable parameters stored (sum over tensors)")
+
+
 class VersionList(BaseModel):
     name: str
     versions: list[VersionOut]
@@ -115,6 +129,15 @@ class VersionList(BaseModel):
 class DeleteResponse(BaseModel):
     name: str
     deleted: bool = True
+
+
+class JobPoint(BaseModel):
+    """One point of the live curves: the running loss and accuracy at an optimizer step."""
+
+    epoch: int
+    step: int | None = None
+    loss: float
+    acc: float
 
 
 class JobProgress(BaseModel):
@@ -152,6 +175,9 @@ class JobOut(BaseModel):
     started_at: str | None = None
     ended_at: str | None = None
     progress: JobProgress | None = None
+    history: list[JobPoint] | None = Field(
+        default=None, description="progress so far, oldest first (bounded: thinned past 256)"
+    )
     result: JobResult | None = None
     error: JobError | None = None
     cancel_requested: bool | None = None

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     )
     device_budget_mib: int = Field(default=512, ge=1, description="resident plans on the device")
     host_budget_mib: int = Field(default=2048, ge=0, description="resident plans in host memory")
+    # the web console at /ui
+    examples_dir: str | None = Field(
+        default=None,
+        description="images the console offers to try (PNG/JPEG/WebP); an optional labels.json "
+        "in it maps file name -> true label",
+    )
     # the HTTP server
     host: str = Field(default="127.0.0.1", description="address to bind")
     port: int = Field(default=8000, ge=0, le=65535)

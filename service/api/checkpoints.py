@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from starlette.datastructures import UploadFile
 
+import prompts_store as ps
 from service import errors
 from service.api.deps import AdminAuth, EngineDep, ReadAuth, SettingsDep, StoreDep
 from service.api.errors import COMMON, responses
+from service.checkpoints.format import parse
 from service.checkpoints.store_errors import store_errors
 from service.schemas import (
     ActivateRequest,
@@ -19,6 +21,7 @@ from service.schemas import (
     CheckpointList,
     DeleteResponse,
     UploadResponse,
+    VersionDetail,
     VersionList,
 )
 
@@ -99,15 +102,32 @@ def _version_out(info: Any, current: int | None) -> dict[str, Any]:
 
 
 @router.get("/v1/checkpoints", response_model=CheckpointList, responses=responses(*COMMON, 404))
-async def list_checkpoints(_: ReadAuth, store: StoreDep) -> dict[str, Any]:
-    """Every checkpoint name with its active version."""
+async def list_checkpoints(
+    _: ReadAuth,
+    store: StoreDep,
+    q: Annotated[str | None, Query(max_length=64, description="part of the name")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    """Checkpoint names with their active version: all of them, or one page of those whose name
+    contains `q` (case-insensitive), in name order."""
 
-    def collect() -> list[dict[str, Any]]:
-        out = []
+    def collect() -> dict[str, Any]:
         with store_errors():
-            for name in store.names():
-                versions = {v.version: v for v in store.versions(name)}
-                current = store.current(name)
+            # Names alone are one cheap call in both stores (a directory listing, one SMEMBERS);
+            # the per-name reads below are the expensive part, so they are done for the page only.
+            names = store.names()
+            if q:
+                needle = q.casefold()
+                names = [n for n in names if needle in n.casefold()]
+            page = names[offset : None if limit is None else offset + limit]
+            out = []
+            for name in page:
+                try:
+                    versions = {v.version: v for v in store.versions(name)}
+                    current = store.current(name)
+                except ps.NotFound:
+                    continue  # deleted since the listing
                 meta = versions[current].meta if current in versions else {}
                 out.append(
                     {
@@ -117,9 +137,9 @@ async def list_checkpoints(_: ReadAuth, store: StoreDep) -> dict[str, Any]:
                         "classes": meta.get("classes"),
                     }
                 )
-        return out
+        return {"checkpoints": out, "total": len(names), "offset": offset, "limit": limit}
 
-    return {"checkpoints": await asyncio.to_thread(collect)}
+    return await asyncio.to_thread(collect)
 
 
 @router.get(
@@ -156,6 +176,31 @@ async def versions(name: str, _: ReadAuth, store: StoreDep) -> dict[str, Any]:
     infos = await _call(store.versions, name)
     current = await _call(store.current, name)
     return {"name": name, "versions": [_version_out(v, current) for v in infos]}
+
+
+@router.get(
+    "/v1/checkpoints/{name}/versions/{version}",
+    response_model=VersionDetail,
+    responses=responses(*COMMON, 404),
+)
+async def version_detail(
+    name: str,
+    version: Annotated[int, Path(ge=1)],
+    _: ReadAuth,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    """One stored version with its manifest and the shapes and count of its trained tensors."""
+    stored = await _call(store.get, name, version)  # checksum verified; 404 names the versions
+    current = await _call(store.current, name)
+    ckpt = await asyncio.to_thread(parse, stored.data, settings.max_checkpoint_bytes)
+    return {
+        **_version_out(stored, current),
+        "name": name,
+        "manifest": ckpt.manifest.model_dump(),
+        "tensors": {k: list(t.shape) for k, t in ckpt.params.items()},
+        "parameters": sum(t.numel() for t in ckpt.params.values()),
+    }
 
 
 @router.post(

@@ -86,6 +86,9 @@ class Engine:
             "queue_depth": float(self.load().queue_depth),
         }
 
+    async def residents(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.residency.residents)
+
     async def classify(self, work: ClassifyWork) -> list[ClassifyResult]:
         return await self._classifier().classify(work)
 

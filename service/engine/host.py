@@ -52,6 +52,7 @@ class Handlers:
         return {
             "hello": self.hello,
             "status": self.status,
+            "residents": self.residents,
             "classify": self.classify,
             "embed": self.embed,
             "publish": self.publish,
@@ -83,6 +84,9 @@ class Handlers:
         health = await asyncio.to_thread(engine.health)
         stats = await asyncio.to_thread(engine.stats)
         return {"health": health, "stats": stats, "queue_depth": engine.load().queue_depth}, ()
+
+    async def residents(self, body: dict[str, Any], blobs: list[memoryview]) -> tuple[Any, Blobs]:
+        return await self.engine.residents(), ()
 
     async def classify(self, body: dict[str, Any], blobs: list[memoryview]) -> tuple[Any, Blobs]:
         images = self._images(body, blobs)  # first: the front end may reuse slots after we answer

@@ -129,6 +129,11 @@ class EngineClient(Protocol):
         `queue_depth` (service/metrics.py)."""
         ...
 
+    async def residents(self) -> dict[str, Any]:
+        """The checkpoint versions in memory per tier, the tiers' budgets and use, and the version
+        of each name being served (GET /v1/residency)."""
+        ...
+
     async def classify(self, work: ClassifyWork) -> list[ClassifyResult]:
         """One result per classifier the work names, in its order (a repeated ref once)."""
         ...

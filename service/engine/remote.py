@@ -188,6 +188,10 @@ class RemoteEngine:
     def stats(self) -> dict[str, float]:
         return dict(self._status.get("stats", {}))
 
+    async def residents(self) -> dict[str, Any]:
+        answer, _ = await self._call("residents", {}, [], None)
+        return dict(answer)
+
     async def classify(self, work: ClassifyWork) -> list[ClassifyResult]:
         body = {
             "request_id": work.request_id,

@@ -318,3 +318,21 @@ class Residency(Generic[P]):
                 "device_bytes": self._device.used,
                 "host_bytes": self._host.used,
             }
+
+    def residents(self) -> dict[str, Any]:
+        """What is in memory, most recently used first per tier, with each tier's budget."""
+        with self._lock:
+            tiers = {"device": self._device, "host": self._host}
+            rows = [
+                {"name": r.name, "version": r.version, "method": r.manifest.method, "tier": t,
+                 "bytes": r.nbytes}
+                for t, tier in tiers.items()
+                for r in reversed(tier.items.values())
+            ]  # fmt: skip
+            return {
+                "device": str(self._device.device),
+                **{f"{t}_budget_bytes": tier.budget for t, tier in tiers.items()},
+                **{f"{t}_bytes": tier.used for t, tier in tiers.items()},
+                "residents": rows,
+                "serving": dict(self._current),
+            }

@@ -20,12 +20,11 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from rq import Queue, Retry, SimpleWorker, get_current_job
@@ -41,7 +40,9 @@ from service.backbones.base import Backbone
 from service.backbones.registry import load_backbone
 from service.prompts import get_method
 from service.settings import Settings
+from service.training import job_history
 from service.training.datasets import check_kind, load_data, uploaded
+from service.training.queue_conn import connect, redis_errors
 from service.training.runs import DataLoaderFn, TrainSpec, run, summary
 from service.training.trainer import Cancelled
 
@@ -68,32 +69,6 @@ def cancel_key(job_id: str) -> str:  # set by cancel(); the job checks it before
     return f"promptserve:job:{job_id}:cancel"
 
 
-def queue_url_for(queue: str | None, store: str) -> str | None:
-    """The Redis URL jobs use: `queue` if set, else the store's URL when the store is Redis."""
-    if queue:
-        return queue
-    return store if store.split("://")[0].lower() in ("redis", "rediss", "unix") else None
-
-
-def connect(url: str) -> redis.Redis:
-    """A Redis client for RQ (bytes, not decoded); drops the store's own `prefix` option."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "prefix"]
-    clean = urlunsplit(parts._replace(query=urlencode(query)))
-    return redis.Redis.from_url(clean, socket_connect_timeout=2, socket_timeout=10)
-
-
-@contextmanager
-def _redis_errors(conn: redis.Redis) -> Iterator[None]:
-    """Redis failures as the one table's 503, naming the server but never its password."""
-    try:
-        yield
-    except redis.RedisError as exc:
-        kw = conn.connection_pool.connection_kwargs
-        where = f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}"
-        raise errors.StoreUnavailable(f"job queue unavailable (Redis at {where}): {exc}") from exc
-
-
 class JobQueue:
     """Submit, read and cancel training jobs on an RQ queue."""
 
@@ -111,7 +86,7 @@ class JobQueue:
     def submit(self, spec: TrainSpec) -> str:
         """Enqueue a run after the checks that need no backbone (see `check_spec`)."""
         check_spec(spec)
-        with _redis_errors(self.conn):
+        with redis_errors(self.conn):
             job = self.queue.enqueue(
                 execute, args=(spec.model_dump_json(),), kwargs={"alive_ttl_s": self.alive_ttl_s},
                 job_timeout=self.timeout_s, result_ttl=KEEP_S, failure_ttl=KEEP_S,
@@ -123,12 +98,12 @@ class JobQueue:
 
     def status(self, job_id: str) -> dict[str, Any]:
         """{id, state, ...}: progress while running, result when finished, error when failed."""
-        with _redis_errors(self.conn):
+        with redis_errors(self.conn):
             return self._describe(self._settled(self._fetch(job_id)))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel: a queued job never runs; a running one stops at its next batch."""
-        with _redis_errors(self.conn):
+        with redis_errors(self.conn):
             job = self._settled(self._fetch(job_id))
             status = job.get_status()
             if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -181,6 +156,8 @@ class JobQueue:
                 out[key] = t.isoformat()
         if job.meta.get("progress"):
             out["progress"] = job.meta["progress"]
+        if job.meta.get("history"):
+            out["history"] = job.meta["history"]
         if status == JobStatus.FINISHED:
             out["result"] = job.return_value()
         elif out["state"] == "failed":
@@ -347,17 +324,20 @@ def execute(spec_json: str, alive_ttl_s: float = ALIVE_TTL_S) -> dict[str, Any]:
     if job is None:
         raise RuntimeError("execute() runs inside an RQ worker")
     spec = TrainSpec.model_validate_json(spec_json)
-    _save_meta(job, error=None, progress=None)  # a retried job starts clean
+    _save_meta(job, error=None, progress=None, history=None)  # a retried job starts clean
     beat = _Heartbeat(job, alive_ttl_s)
     try:
         if beat.cancel_requested():
             return dict(_CANCELLED)  # cancelled between dequeue and start
         ctx = context()
 
+        history: list[dict[str, Any]] = []
+
         def progress(row: dict[str, Any]) -> None:
             if not beat.lost.is_set():  # a settled job's meta holds the reader's verdict
                 keys = PROGRESS_KEYS
-                _save_meta(job, progress={k: row[k] for k in keys if k in row})
+                job_history.extend(history, row)
+                _save_meta(job, progress={k: row[k] for k in keys if k in row}, history=history)
 
         try:
             result = run(

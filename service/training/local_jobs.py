@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from service import errors
 from service.settings import Settings
+from service.training import job_history
 from service.training.runs import TrainSpec
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ class LocalJobs:
             job = self._jobs[job_id]
             spec_json = self._specs[job_id]
             self._running = job_id
-            job.update(state="started", started_at=_now(), progress=None, error=None)
+            job.update(state="started", started_at=_now(), progress=None, history=None, error=None)
             self._cancel.value = b""
         if self._child is None or not self._child.is_alive():
             self._start_child()
@@ -195,6 +196,7 @@ class LocalJobs:
                 return
             if kind == "progress":
                 job["progress"] = value
+                job["history"] = job_history.extend(job.get("history"), value)
                 return
             self._running = None
             job.pop("cancel_requested", None)
@@ -217,7 +219,7 @@ class LocalJobs:
                 self._end(job, "cancelled")
             elif job["retries_left"] > 0:
                 job["retries_left"] -= 1
-                job.update(state="queued", progress=None)
+                job.update(state="queued", progress=None, history=None)
                 self._waiting.appendleft(job_id)
             else:
                 self._end(job, "failed", error={
@@ -269,7 +271,8 @@ def jobs_for(settings: Settings) -> JobQueue | LocalJobs | None:
     """What runs training jobs for a service with these settings: the Redis queue when there is
     one (`promptserve worker` processes run them), else this service's own child process
     (`PROMPTSERVE_LOCAL_JOBS`), else nothing (the jobs routes answer 503 and say why)."""
-    from service.training.jobs import JobQueue, queue_url_for
+    from service.training.jobs import JobQueue
+    from service.training.queue_conn import queue_url_for
 
     queue_url = queue_url_for(settings.queue, settings.store)
     if queue_url is not None:  # lazy client: a Redis outage answers 503 on /v1/jobs only

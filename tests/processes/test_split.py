@@ -255,3 +255,25 @@ def test_classnames_of_the_tiny_dataset_are_served(services):
         labels = {p["label"] for p in httpx.post(f"{s.url}/v1/classify", json=body).json()
                   ["results"][0]["predictions"][0]}  # fmt: skip
         assert labels == set(CLASSNAMES)
+
+
+def test_the_consoles_reads_answer_through_the_engine_process(services):
+    """GET /v1/residency asks the engine (EngineClient.residents): through the wire it must say
+    what one process says once both served the same checkpoints."""
+    body = {"images": IMAGES[:1], "checkpoints": ["coop-one", "maple-one"]}
+    held = {}
+    for n, s in services.items():
+        assert httpx.post(f"{s.url}/v1/classify", json=body, timeout=60).status_code == 200
+        r = httpx.get(f"{s.url}/v1/residency", timeout=30)
+        assert r.status_code == 200, r.text
+        held[n] = r.json()
+        assert {(x["name"], x["version"]) for x in held[n]["residents"]} >= {
+            ("coop-one", 1),
+            ("maple-one", 1),
+        }
+        assert held[n]["serving"] == {"coop-one": 1, "maple-one": 1}
+        detail = httpx.get(f"{s.url}/v1/checkpoints/maple-one/versions/1").json()
+        assert detail["manifest"]["method"] == "maple" and detail["parameters"] > 0
+        options = httpx.get(f"{s.url}/v1/training/options").json()
+        assert "coop" in options["methods"]
+    assert held[1]["device_budget_bytes"] == held[2]["device_budget_bytes"]

@@ -292,3 +292,41 @@ def test_open_store_urls(tmp_path: Path, redis_url: str, monkeypatch: pytest.Mon
     for bad in ("s3://bucket", "file://", "/plain/path", "redis:/x"):
         with pytest.raises(ValueError, match="store URL"):
             open_store(bad)
+
+
+def test_names_follow_another_writers_puts_and_deletes(
+    backend: Backend, store: PromptStore
+) -> None:
+    """names() of one store sees what another (another process's) put and deleted, at once."""
+    other = backend.open()  # closed at teardown
+    assert other.names() == []
+    store.put("a", b"1")
+    assert other.names() == ["a"]
+    store.put("b", b"1", activate=False)
+    store.activate("b", 1)
+    assert other.names() == ["a", "b"]
+    store.delete("a")
+    assert other.names() == ["b"]
+    other.put("c", b"1")
+    assert store.names() == ["b", "c"]
+
+
+def test_file_names_are_listed_again_only_after_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10,000 names cost one directory listing each: a repeated names() with no change between
+    must not pay it again (the console's paged list calls it on every page)."""
+    store = FileStore(tmp_path / "s")
+    try:
+        for name in ("x", "y"):
+            store.put(name, b"1")
+        listed: list[str] = []
+        real = store._committed
+        monkeypatch.setattr(store, "_committed", lambda n: listed.append(n) or real(n))
+        assert store.names() == ["x", "y"] and len(listed) == 2
+        assert store.names() == ["x", "y"] and len(listed) == 2  # unchanged: reused
+        store.put("z", b"1")  # put calls _committed itself: count the listing only
+        before = len(listed)
+        assert store.names() == ["x", "y", "z"] and len(listed) - before == 3
+    finally:
+        store.close()

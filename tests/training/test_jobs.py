@@ -165,6 +165,10 @@ def test_submit_runs_and_publishes(redis_url, in_process, backbone):
     assert out["result"]["name"] == "quick" and out["result"]["version"] == 1
     assert "all_accuracy" in out["result"]["metrics"]
     assert out["progress"]["epoch"] == out["progress"]["epochs"] == 2
+    # the curve a console draws: at least one point per epoch, in order, ending at the last one
+    epochs = [p["epoch"] for p in out["history"]]
+    assert len(epochs) >= 2 and epochs == sorted(epochs) and epochs[-1] == 2
+    assert out["history"][-1]["loss"] == out["progress"]["loss"]
     assert store.current("quick") == 1
     assert checkpoints.load(store.get("quick", 1).data, backbone).manifest.method == "coop"
     assert not jobs.conn.exists(alive_key(job_id))  # the heartbeat cleaned up after itself

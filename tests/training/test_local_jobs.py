@@ -66,6 +66,10 @@ def test_a_job_runs_reports_progress_and_publishes(runner, backbone):
     out = wait(jobs, job_id, lambda s: s["state"] not in ("queued", "started"))
     assert out["state"] == "finished", out
     assert out["progress"]["epoch"] == 3 and out["result"]["version"] == 1
+    # the curve a console draws: at least one point per epoch, in order, ending at the last one
+    epochs = [p["epoch"] for p in out["history"]]
+    assert len(epochs) >= 3 and epochs == sorted(epochs) and epochs[-1] == 3
+    assert out["history"][-1]["loss"] == out["progress"]["loss"]
     store = open_store(f"file://{store_dir}")
     assert checkpoints.load(store.get("first").data, backbone).manifest.method == "coop"
     with pytest.raises(errors.Conflict):
