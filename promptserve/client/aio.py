@@ -131,8 +131,12 @@ class AsyncClient:
     async def versions(self, name: str) -> VersionList:
         return await self.send(calls.versions(name))
 
-    async def checkpoints(self) -> CheckpointList:
-        return await self.send(calls.checkpoints())
+    async def checkpoints(
+        self, q: str | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> CheckpointList:
+        """Checkpoint names and their active versions: all, or a page (`limit`, `offset`) of
+        those whose name contains `q`; `.total` counts every match."""
+        return await self.send(calls.checkpoints(q, limit, offset))
 
     async def checkpoint(self, name: str) -> CheckpointDetail:
         return await self.send(calls.checkpoint(name))

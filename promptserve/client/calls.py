@@ -176,8 +176,10 @@ def versions(name: str) -> Call[VersionList]:
     return Call("GET", f"/v1/checkpoints/{_q(name)}/versions", VersionList)
 
 
-def checkpoints() -> Call[CheckpointList]:
-    return Call("GET", "/v1/checkpoints", CheckpointList)
+def checkpoints(q: str | None, limit: int | None, offset: int) -> Call[CheckpointList]:
+    given = {"q": q, "limit": limit, "offset": offset or None}
+    params = {k: v for k, v in given.items() if v is not None}
+    return Call("GET", "/v1/checkpoints", CheckpointList, params=params)
 
 
 def checkpoint(name: str) -> Call[CheckpointDetail]:

@@ -126,8 +126,12 @@ class Client:
     def versions(self, name: str) -> VersionList:
         return self.send(calls.versions(name))
 
-    def checkpoints(self) -> CheckpointList:
-        return self.send(calls.checkpoints())
+    def checkpoints(
+        self, q: str | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> CheckpointList:
+        """Checkpoint names and their active versions: all, or a page (`limit`, `offset`) of
+        those whose name contains `q`; `.total` counts every match."""
+        return self.send(calls.checkpoints(q, limit, offset))
 
     def checkpoint(self, name: str) -> CheckpointDetail:
         return self.send(calls.checkpoint(name))

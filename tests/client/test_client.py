@@ -132,6 +132,12 @@ def test_upload_activate_rollback_and_compare_and_set(admin, backbone, tmp_path)
     assert admin.rollback("swap", to=2).version == 2
     listed = {c.name: c.version for c in admin.checkpoints().checkpoints}
     assert listed["swap"] == 2
+    page = admin.checkpoints("SWA", limit=1)  # search (case-insensitive) and paging
+    assert [c.name for c in page.checkpoints] == ["swap"] and (page.total, page.limit) == (1, 1)
+    everything = admin.checkpoints()
+    rest = admin.checkpoints(limit=1, offset=1)
+    assert rest.total == everything.total >= 3 and rest.offset == 1
+    assert [c.name for c in rest.checkpoints] == [everything.checkpoints[1].name]
     with open(tmp_path / "swap.safetensors", "wb+") as f:  # an open file, read by the client
         f.write(checkpoint(backbone, name="swap", seed=7))
         f.seek(0)
