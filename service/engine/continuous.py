@@ -31,7 +31,15 @@ from torch import Tensor
 
 from service.backbones.llava import LlavaBackbone
 from service.backbones.llava_steps import check_attention
-from service.engine.gen_request import Event, GenRequest, Sampling, alive, check_request, follow
+from service.engine.gen_request import (
+    Event,
+    GenRequest,
+    Sampling,
+    alive,
+    check_request,
+    collect,
+    follow,
+)
 from service.engine.queue_worker import QueueWorker
 from service.engine.scheduler import Waiting, plan_step
 from service.engine.slot_batch import Row, SlotBatch
@@ -120,12 +128,7 @@ class ContinuousEngine(QueueWorker[GenRequest]):
         deadline: float | None = None,
     ) -> tuple[list[int], str]:
         """All generated tokens (without the stop token) and the finish reason."""
-        tokens: list[int] = []
-        reason = "length"
-        async for event in self.stream(ids, pixels, plan, sampling, deadline):
-            tokens.extend(event.tokens)
-            reason = event.finish_reason or reason
-        return tokens, reason
+        return await collect(self.stream(ids, pixels, plan, sampling, deadline))
 
     # --- the collector (event loop) ---------------------------------------------------------
     async def _collect(self) -> None:

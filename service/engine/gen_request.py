@@ -112,6 +112,16 @@ def sample(logits: Tensor, sampling: Sampling, gen: torch.Generator | None) -> i
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+async def collect(events: AsyncIterator[Event]) -> tuple[list[int], str]:
+    """A stream's tokens (without the stop token) and its finish reason."""
+    tokens: list[int] = []
+    reason = "length"
+    async for event in events:
+        tokens.extend(event.tokens)
+        reason = event.finish_reason or reason
+    return tokens, reason
+
+
 async def follow(request: GenRequest) -> AsyncIterator[Event]:
     """The events of a queued request until its last; its deadline is kept here too (a row
     stuck behind others never holds its caller past it). Leaving marks the request `left`:

@@ -29,6 +29,8 @@ from service.engine.gen_request import (
     Sampling,
     alive,
     check_request,
+    collect,
+    follow,
     generator,
     sample,
 )
@@ -91,19 +93,9 @@ class GenerationEngine(QueueWorker[GenRequest]):
         self._queue.append(request)
         self._arrived.set()
         try:
-            while True:
-                timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
-                try:
-                    event = await asyncio.wait_for(request.queue.get(), timeout)
-                except TimeoutError:
-                    raise DeadlineExceeded("deadline passed while generating") from None
-                if event.error is not None:
-                    raise event.error
+            async for event in follow(request):  # leaving marks it: the worker stops its row
                 yield event
-                if event.finish_reason is not None:
-                    return
         finally:
-            request.left = True  # the worker stops computing this row
             with contextlib.suppress(ValueError):
                 self._queue.remove(request)
 
@@ -116,12 +108,7 @@ class GenerationEngine(QueueWorker[GenRequest]):
         deadline: float | None = None,
     ) -> tuple[list[int], str]:
         """All generated tokens (without the stop token) and the finish reason."""
-        tokens: list[int] = []
-        reason = "length"
-        async for event in self.stream(ids, pixels, plan, sampling, deadline):
-            tokens.extend(event.tokens)
-            reason = event.finish_reason or reason
-        return tokens, reason
+        return await collect(self.stream(ids, pixels, plan, sampling, deadline))
 
     # --- the collector (event loop) ---------------------------------------------------------
     async def _collect(self) -> None:
