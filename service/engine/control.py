@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
 import struct
 from pathlib import Path
 
-from service.engine.shm import SHM_DIR
+from service.engine.shm import SHM_DIR, map_segment
 
 MAX_FRONTENDS = 256
 _HEADER = struct.Struct("<qqqd")  # engine pid, generation, ready, seconds per request
@@ -34,21 +33,12 @@ class ControlBlock:
     @classmethod
     def create(cls, name: str, directory: Path = SHM_DIR) -> ControlBlock:
         path = directory / name
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, _SIZE)
-            return cls(path, mmap.mmap(fd, _SIZE), owner=True)
-        finally:
-            os.close(fd)
+        return cls(path, map_segment(path, _SIZE, create=True), owner=True)
 
     @classmethod
     def attach(cls, name: str, directory: Path = SHM_DIR) -> ControlBlock:
         path = directory / name
-        fd = os.open(path, os.O_RDWR)
-        try:
-            return cls(path, mmap.mmap(fd, _SIZE), owner=False)
-        finally:
-            os.close(fd)
+        return cls(path, map_segment(path, _SIZE, create=False), owner=False)
 
     # --- the engine's fields ---------------------------------------------------------------
     def engine(self) -> tuple[int, int, bool, float]:

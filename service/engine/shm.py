@@ -66,6 +66,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def map_segment(path: Path, size: int, create: bool) -> mmap.mmap:
+    """A shared mapping of the file `path`: created (never an existing one: O_EXCL, owner only)
+    and sized, or opened as it is."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
 class SlotPool:
     """The front end's side: a segment of `count` image slots, a free list, writes."""
 
@@ -80,12 +93,7 @@ class SlotPool:
         self.name, self.count, self.shape, self.dtype = name, count, tuple(shape), dtype
         self.slot_bytes = int(torch.Size(self.shape).numel()) * dtype.itemsize
         self.path = directory / name
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, self.slot_bytes * count)
-            self._map = mmap.mmap(fd, self.slot_bytes * count)
-        finally:
-            os.close(fd)
+        self._map = map_segment(self.path, self.slot_bytes * count, create=True)
         self._tensor = torch.frombuffer(self._map, dtype=dtype).view(count, *self.shape)
         self._free = list(range(count - 1, -1, -1))
 
@@ -139,11 +147,7 @@ class SlotReader:
         size = int(torch.Size(self.shape).numel()) * dtype.itemsize * count
         # Mapped shared and writable (torch views of read-only memory warn on creation); the
         # engine only ever reads it.
-        fd = os.open(directory / name, os.O_RDWR)
-        try:
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self._map = map_segment(directory / name, size, create=False)
         self._tensor = torch.frombuffer(self._map, dtype=dtype).view(count, *self.shape)
 
     def read(self, slots: Sequence[int]) -> Tensor:
