@@ -14,6 +14,12 @@ each front-end count, it prints:
   not scale, and says nothing about a GPU host; the per-image CPU figures project it.
 The load generator runs in `--gen-procs` processes; its own capacity against a trivial server
 (one fixed response, no parsing) is printed beside, so we know it is not the bottleneck.
+
+Under HTTP load on a small machine the engine is mostly idle, so its CPU per image there is
+mostly the cost of waking up for each call. What one engine core can dispatch is measured
+apart (`--engine-calls`): wire clients, each with its own slots like a front end, keep
+`--engine-concurrency` calls in flight against the same null engine, and the engine's CPU per
+image at that saturation is printed (the issue's target: <= 0.05 ms, >= 20k img/s a core).
 """
 
 from __future__ import annotations
@@ -121,6 +127,87 @@ def serve(port: int, n: int) -> int:
     metrics = Path(tempfile.mkdtemp(prefix="bench-frontend-metrics-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
     return Supervisor(null_engine, frontend_process, settings, n, sock).run()
+
+
+# --- the engine at saturation: wire clients, no HTTP -----------------------------------------
+def _wire_client(address: str, per_call: int, concurrency: int, seconds: float, seed: int,
+                 go: Any, out: Any) -> None:  # fmt: skip
+    """A front end's engine traffic without the front end: slots written once, then calls."""
+    import torch
+
+    from service.engine.ipc import EngineConnection
+    from service.engine.shm import SlotPool
+
+    pool = SlotPool(f"ps-bench-{os.getpid()}-{seed}", concurrency * per_call, [3, 224, 224],
+                    dtype=torch.uint8)  # fmt: skip
+    slots = pool.put(torch.randint(0, 255, (pool.count, 3, 224, 224), dtype=torch.uint8))
+
+    async def run() -> int:
+        conn = EngineConnection(address)
+        conn.start()
+        done = 0
+        end = time.monotonic() + seconds
+
+        async def one(k: int) -> None:
+            nonlocal done
+            mine = slots[k * per_call : (k + 1) * per_call]
+            body = {"request_id": f"{seed}-{k}", "refs": [], "adhoc": None, "top_k": 1,
+                    "deadline": 1e12, "segment": pool.name, "count": pool.count,
+                    "slots": mine}  # fmt: skip
+            while time.monotonic() < end:
+                await conn.call("classify", body)
+                done += per_call
+
+        await conn.call("hello", {})
+        out.put("ready")
+        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+        await asyncio.gather(*(one(k) for k in range(concurrency)))
+        await conn.close()
+        return done
+
+    try:
+        out.put(asyncio.run(run()))
+    finally:
+        pool.close()
+
+
+def engine_capacity(args: argparse.Namespace) -> None:
+    """The null engine's CPU per image with `--engine-concurrency` calls in flight."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve",
+                               str(port), "1"])  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server)
+        engine, _ = processes(server.pid)
+        from service.engine.shm import SHM_DIR, segment_name
+
+        address = f"ipc://{SHM_DIR}/{segment_name(server.pid, 'engine.ipc')}"
+        print("| images per call | clients x calls in flight | calls/s | img/s | "
+              "engine CPU ms/img |\n|---|---|---|---|---|")  # fmt: skip
+        ctx = mp.get_context("spawn")
+        for per_call in [int(x) for x in args.engine_calls.split(",")]:
+            q: Any = ctx.Queue()
+            go = ctx.Event()
+            procs = [ctx.Process(target=_wire_client, args=(
+                address, per_call, args.engine_concurrency, args.seconds, i, go, q))
+                for i in range(args.gen_procs)]  # fmt: skip
+            for p in procs:
+                p.start()
+            for _ in procs:
+                assert q.get() == "ready"
+            before = cpu_seconds(engine)
+            go.set()
+            images = sum(q.get() for _ in procs)
+            used = cpu_seconds(engine) - before
+            for p in procs:
+                p.join()
+            rate = images / args.seconds
+            print(f"| {per_call} | {args.gen_procs} x {args.engine_concurrency} | "
+                  f"{rate / per_call:,.0f} | {rate:,.0f} | {1000 * used / max(1, images):.4f} |",
+                  flush=True)  # fmt: skip
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
 
 
 # --- the trivial server: the load generator's own ceiling ------------------------------------
@@ -260,6 +347,23 @@ def main() -> int:
     p.add_argument("--per-request", type=int, default=1, help="images per request")
     p.add_argument("--formats", default="json,multipart")
     p.add_argument("--sizes", default="224,640x480")
+    p.add_argument(
+        "--engine-calls",
+        default="1,8",
+        help="images per call for the engine-capacity table ('' skips it)",
+    )
+    p.add_argument(
+        "--engine-concurrency",
+        type=int,
+        default=64,
+        help="calls in flight per wire client in the engine-capacity table",
+    )
+    p.add_argument(
+        "--http",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the HTTP table (--no-http: the engine-capacity table only)",
+    )
     p.add_argument("--serve", nargs=2, type=int, help=argparse.SUPPRESS)
     p.add_argument("--trivial", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -269,6 +373,10 @@ def main() -> int:
         trivial(args.trivial)
         return 0
 
+    if args.engine_calls:
+        engine_capacity(args)
+    if not args.http:
+        return 0
     me = [sys.executable, str(Path(__file__).resolve())]
     port = free_port()
     server = subprocess.Popen([*me, "--trivial", str(port)])

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from service import errors
+from service.engine import ipc
 from service.engine.ipc import EngineConnection, EngineServer
 
 
@@ -28,7 +29,16 @@ def run(address: str, handlers, body):
     return asyncio.run(main())
 
 
-def test_calls_errors_and_blobs(tmp_path):
+def test_calls_errors_and_blobs(tmp_path, monkeypatch):
+    messages: list[list] = []  # the calls of each message the engine received
+    received = EngineServer._received
+
+    def counting(self, frames):
+        messages.append(ipc._decode(frames[1].buffer))
+        received(self, frames)
+
+    monkeypatch.setattr(EngineServer, "_received", counting)
+
     async def echo(args, blobs):
         return {"got": args["x"] * 2, "sizes": [len(b) for b in blobs]}, [b"back" * 3]
 
@@ -48,9 +58,12 @@ def test_calls_errors_and_blobs(tmp_path):
             await conn.call("broken", {})
         with pytest.raises(errors.BadRequest):
             await conn.call("nope", {})
-        # many calls at once are each answered with their own result
+        # many calls at once are each answered with their own result, and the calls of one
+        # turn of the event loop travel as one message (what the engine's CPU per call rests on)
+        before = len(messages)
         results = await asyncio.gather(*(conn.call("echo", {"x": i}) for i in range(50)))
         assert [r[0]["got"] for r in results] == [2 * i for i in range(50)]
+        assert len(messages) - before == 1 and len(messages[-1]) == 50
 
     run(f"ipc://{tmp_path}/engine", {"echo": echo, "missing": missing, "broken": broken}, body)
 
