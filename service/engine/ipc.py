@@ -30,7 +30,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -77,12 +77,12 @@ class _Wire:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.sock.getsockopt(zmq.FD), self.drain)
+        self._loop.add_reader(self.sock.fileno(), self.drain)
         self._loop.call_soon(self.drain)  # messages that came before the first edge
 
     def drain(self) -> None:
         sock = self.sock
-        while not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not sock.closed and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._on_message(sock.recv_multipart(zmq.NOBLOCK, copy=False))
 
     def send(self, frames: Sequence[Any]) -> None:
@@ -108,7 +108,7 @@ class _Wire:
     def close(self) -> None:
         if self._loop is not None and not self.sock.closed:
             with contextlib.suppress(ValueError, OSError):  # the loop closed first
-                self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
+                self._loop.remove_reader(self.sock.fileno())
         self.sock.close(0)
         self._ctx.term()
 
