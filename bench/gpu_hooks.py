@@ -103,6 +103,17 @@ def split_frontends(ctx: Any) -> int:
     return max(2, min(12, cores - 2))
 
 
+def issue16_configs(ctx: Any) -> list[tuple[int, str, int]]:
+    """(front ends, image decode, images per request) of each served row: one process (today's
+    baseline), N front ends decoding on the CPU (the split's point), N front ends passing the
+    JPEG bytes to the engine's device decoder; 8-image requests (the per-request HTTP costs
+    amortized, as a batch client sends) and the strictest 1-image case."""
+    n = split_frontends(ctx)
+    # first what the targets are judged on, so that a short budget skips the others
+    # (on the CPU, "gpu" is the device path's code with torchvision's CPU JPEG decoder)
+    return [(n, "gpu", 8), (1, "cpu", 8), (n, "cpu", 8), (n, "gpu", 1)]
+
+
 def issue16(ctx: Any) -> str:
     """The served rate against the encoder's own ceiling, in one process and with N front ends
     (the issue's targets: served >= 0.7x raw for ViT-B/16, >= 0.5x for ViT-B/32, 224x224 JPEG,
@@ -130,37 +141,48 @@ def issue16(ctx: Any) -> str:
         x = torch.randn(32, 3, *hw).to(ctx.device)
         with torch.no_grad():
             run = {"raw": lambda rt=rt, x=x: rt.encode(x, None, None, "append")}
-            raw = interleaved(run, 32, ctx.phase(6), rounds=2)["raw"]
+            raw = interleaved(run, 32, ctx.phase(8), rounds=2)["raw"]
         del rt, x
         if ctx.cuda:
             torch.cuda.empty_cache()  # the server below needs the GPU to itself
         args = peer_args(ctx, model=model)
         weights, _ = peers_mod.save_weights(cpu, args.var, None)
-        for frontends in (1, split_frontends(ctx)):
+        blob = checkpoint_bytes(cpu, "coop", "coop", 10, seed=0)
+        configs = issue16_configs(ctx)
+        for frontends, decode, per in configs:
+            if ctx.left() < 25:
+                rows.append({"model": f"{model}, {frontends} fe, {decode} decode",
+                             "skipped": f"{ctx.left():.0f} s left"})  # fmt: skip
+                continue
             env = {**serving_env(ctx), "PROMPTSERVE_FRONTENDS": str(frontends),
+                   "PROMPTSERVE_IMAGE_DECODE": decode,
                    "PROMPTSERVE_LOCAL_JOBS": "false"}  # fmt: skip
             proc, base, _ = peers_mod.start(Variant(model, "promptserve", env), args, weights,
                                             None, None)  # fmt: skip
             try:
-                blob = checkpoint_bytes(cpu, "coop", "coop", 10, seed=0)
                 httpx.post(f"{base}/v1/checkpoints", files={"file": ("c", blob)}, timeout=300)
-                body = {"checkpoint": "coop", "images": [_b64(224, 224)]}
+                body = {"checkpoint": "coop", "images": [_b64(224, 224)] * per}
                 httpx.post(base + "/v1/classify", json=body, timeout=300).raise_for_status()
                 drive_procs(base, [body], ctx.clients, 2, ctx.client_procs)  # warm
-                got = drive_procs(base, [body], ctx.clients, ctx.phase(3), ctx.client_procs)
+                got = drive_procs(base, [body], ctx.clients, ctx.phase(len(configs) + 1),
+                                  ctx.client_procs)  # fmt: skip
             finally:
                 peers_mod.stop(proc)
-            served = got["steady_ok_per_s"] or 0.0
-            rows.append({"model": f"{model}, {frontends} front end(s)", "raw_img_s": round(raw, 1),
-                         "clients": ctx.clients, "served": _cell(got),
+            served = (got["steady_ok_per_s"] or 0.0) * per
+            rows.append({"model": model, "frontends": frontends, "decode": decode,
+                         "per_request": per, "raw_img_s": round(raw, 1), "clients": ctx.clients,
+                         "served": {**_cell(got), "img_s": round(served, 1)},
                          "ratio": round(served / raw, 3)})  # fmt: skip
+            ctx.save()
     ctx.results["issue16"] = rows
     return md(
-        ["model", "raw CUDA-graph bf16 b32 img/s" if ctx.cuda else "raw eager img/s", "clients",
-         "served img/s (classify, 224 JPEG)", "served / raw", "p50 ms", "p99 ms", "statuses"],
+        ["model", "front ends", "decode", "img/request", "raw CUDA-graph bf16 b32 img/s"
+         if ctx.cuda else "raw eager img/s", "clients", "served img/s (classify, 224 JPEG)",
+         "served / raw", "p50 ms", "p99 ms", "statuses"],
         [[r["model"], "skipped: " + r["skipped"]] if "skipped" in r else
-         [r["model"], r["raw_img_s"], r["clients"], r["served"]["img_s"], r["ratio"],
-          r["served"]["p50_ms"], r["served"]["p99_ms"], r["served"]["statuses"]] for r in rows],
+         [r["model"], r["frontends"], r["decode"], r["per_request"], r["raw_img_s"],
+          r["clients"], r["served"]["img_s"], r["ratio"], r["served"]["p50_ms"],
+          r["served"]["p99_ms"], r["served"]["statuses"]] for r in rows],
     )  # fmt: skip
 
 
@@ -171,7 +193,7 @@ def frontends(ctx: Any) -> str:
     import sys
 
     counts = "1,2" if ctx.dry else "1,2,4,8,12"
-    seconds = "1" if ctx.dry else str(max(2, min(5, int(ctx.left() / 40))))
+    seconds = "1" if ctx.dry else str(max(2, min(4, int(ctx.left() / 40))))
     cmd = [sys.executable, "bench/frontend.py", "--frontends", counts, "--seconds", seconds,
            "--sizes", "224", "--formats", "json",
            "--gen-procs", "1" if ctx.dry else "4"]  # fmt: skip

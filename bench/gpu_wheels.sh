@@ -16,6 +16,7 @@ PKGS=(
   fastapi==0.165.0 starlette==1.10.0 opentelemetry-api importlib-metadata
   uvicorn==0.55.0 python-multipart==0.0.34
   redis==8.1.0 rq==3.0.0 croniter
+  pyzmq==27.3.0 msgspec==0.23.0
 )
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

@@ -277,3 +277,37 @@ def test_the_consoles_reads_answer_through_the_engine_process(services):
         options = httpx.get(f"{s.url}/v1/training/options").json()
         assert "coop" in options["methods"]
     assert held[1]["device_budget_bytes"] == held[2]["device_budget_bytes"]
+
+
+def _jpeg(rgb: tuple[int, ...], seed: int) -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png(rgb, seed, size=48))).save(buf, format="JPEG", quality=90)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_device_decoding_engine_gets_the_jpeg_bytes_across_the_split(weights, blobs, tmp_path):
+    """image_decode=gpu: the front ends pass compressed bytes (frames beside the call, not
+    slots) and the engine decodes them; on the CPU this is the device path's code with
+    torchvision's CPU decoder. Both modes answer alike, a PNG among the JPEGs included (the
+    engine decodes that one on its CPU path)."""
+    jpegs = [_jpeg(rgb, seed=i) for i, rgb in enumerate(COLOURS.values())]
+    body = {"images": [*jpegs, IMAGES[0]], "checkpoint": "coop-one", "top_k": 2}
+    answers = []
+    for n in (1, 2):
+        service = start(weights, tmp_path / f"fe{n}", n, image_decode="gpu")
+        try:
+            r = httpx.post(f"{service.url}/v1/checkpoints", files={"file": ("coop-one",
+                           blobs["coop-one"])}, timeout=30)  # fmt: skip
+            assert r.status_code == 201, r.text
+            ready = httpx.get(f"{service.url}/readyz").json()
+            assert "torchvision" in ready["image_decode"], ready
+            r = httpx.post(f"{service.url}/v1/classify", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+        finally:
+            service.stop()
+    _close(*answers)
