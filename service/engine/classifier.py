@@ -109,7 +109,9 @@ class Classifier:
             return [Target(None, None, ZeroShot.name, plan)]
         out = []
         for ref in dict.fromkeys(refs):  # a repeated name is served once
-            resident = await asyncio.to_thread(self.residency.resolve, ref)
+            resident = self.residency.resolve_hot(ref)
+            if resident is None:
+                resident = await asyncio.to_thread(self.residency.resolve, ref)
             out.append(
                 Target(resident.name, resident.version, resident.manifest.method, resident.plan)
             )
