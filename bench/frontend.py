@@ -194,10 +194,10 @@ def engine_capacity(args: argparse.Namespace) -> None:
             for p in procs:
                 p.start()
             for _ in procs:
-                assert q.get() == "ready"
+                assert _get(q, procs) == "ready"
             before = cpu_seconds(engine)
             go.set()
-            images = sum(q.get() for _ in procs)
+            images = sum(_get(q, procs, args.seconds + 120) for _ in procs)
             used = cpu_seconds(engine) - before
             for p in procs:
                 p.join()
@@ -297,14 +297,30 @@ def load(
     for p in procs:
         p.start()
     for _ in procs:
-        assert q.get() == "ready"
+        assert _get(q, procs) == "ready"
     before = [cpu_seconds(pid) for pid in pids]
     go.set()
-    results = [q.get() for _ in procs]
+    results = [_get(q, procs, args.seconds + 120) for _ in procs]
     used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
     for p in procs:
         p.join()
     return sum(r[0] for r in results) / args.seconds, sum(r[1] for r in results), used
+
+
+def _get(q: Any, procs: list[Any], timeout: float = 120.0) -> Any:
+    """The next thing a generator reports; fails (not hangs) when one of them died first or
+    nothing comes within `timeout` s (the GPU host's first run hung on a silent child)."""
+    import queue
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise SystemExit(f"a load generator exited with {dead}") from None
+    raise SystemExit(f"no load generator reported within {timeout:.0f} s")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -197,9 +197,17 @@ def frontends(ctx: Any) -> str:
     cmd = [sys.executable, "bench/frontend.py", "--frontends", counts, "--seconds", seconds,
            "--sizes", "224", "--formats", "json",
            "--gen-procs", "1" if ctx.dry else "4"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, ctx.left() - 5))
-    table = "\n".join(line for line in done.stdout.splitlines() if line.startswith(("|", "load")))
-    ctx.results["frontends"] = {"returncode": done.returncode, "table": table}
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
+    # to a file, not a pipe: what a run cut short by its timeout printed is kept and shown
+    log = ctx.var / "frontend.log"
+    with log.open("w") as out:
+        try:
+            rc: Any = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                     timeout=max(60, ctx.left() - 5)).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    printed = log.read_text(errors="replace").splitlines()
+    table = "\n".join(line for line in printed if line.startswith(("|", "load")))
+    ctx.results["frontends"] = {"returncode": rc, "table": table}
+    if rc != 0:
+        raise RuntimeError(f"bench/frontend.py: {rc}; its last lines:\n" + "\n".join(printed[-30:]))
     return table
