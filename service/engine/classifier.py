@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service import errors
-from service.backbones.clip import ClipBackbone
+from service.backbones.clip import ClipBackbone, normalizer
 from service.engine.batcher import Batcher
 from service.engine.forward import encode, group
 from service.engine.gpu_images import GpuImages, select_image_decode
@@ -33,6 +33,7 @@ from service.engine.protocol import (
     Images,
 )
 from service.engine.residency import Residency
+from service.engine.runtimes.base import Runtime
 from service.engine.runtimes.select import describe as describe_runtime
 from service.engine.runtimes.select import select_runtime
 from service.engine.zeroshot_cache import ZeroShotCache
@@ -154,6 +155,24 @@ class Classifier:
         return [images[i : i + self.max_batch] for i in range(0, len(images), self.max_batch)]
 
 
+def encode_batch(
+    backbone: ClipBackbone,
+    normalize: Callable[[Tensor], Tensor],
+    images: Tensor,
+    plans: Sequence[Plan],
+    runtime: Runtime,
+) -> Tensor:
+    """The batcher's model call (on its worker thread). uint8 crops, which the engine process
+    gets from the front ends' slots, are moved and normalized here, once per batch: per call on
+    the event loop, each copy to the device queued behind the batch the GPU was running, so
+    the loop waited on the device once per request."""
+    if images.dtype == torch.uint8:
+        if backbone.device.type == "cuda":
+            images = images.pin_memory().to(backbone.device, non_blocking=True)
+        images = normalize(images)
+    return encode(backbone, images, plans, runtime=runtime)
+
+
 def _to_cpu(feats: Tensor) -> Tensor:
     return feats.cpu()
 
@@ -201,7 +220,9 @@ async def start_classifier(
     # CUDA graphs are captured (ONNX graphs exported/loaded) here, before /readyz says ready.
     await asyncio.to_thread(getattr(runtime, "warm_up", lambda: None))
     batcher = Batcher(
-        functools.partial(encode, backbone, runtime=runtime),
+        functools.partial(
+            encode_batch, backbone, normalizer(backbone.preprocess_config()), runtime=runtime
+        ),
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,

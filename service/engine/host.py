@@ -14,16 +14,14 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from torch import Tensor
 
 import prompts_store as ps
 from service.backbones.base import Backbone
-from service.backbones.clip import ClipBackbone, normalizer
+from service.backbones.clip import ClipBackbone
 from service.engine.control import ControlBlock
 from service.engine.core import Engine, start_engine
 from service.engine.ipc import Blobs, EngineServer, Handler
@@ -42,11 +40,6 @@ class Handlers:
     def __init__(self, engine: Engine, shm_dir: Path) -> None:
         self.engine, self.shm_dir = engine, shm_dir
         self.readers: dict[str, SlotReader] = {}
-        self.normalize: Callable[[Tensor], Tensor] | None = None
-        self.device = torch.device("cpu")
-        if "classify" in engine.capabilities:
-            clip = cast(ClipBackbone, engine.backbone)
-            self.normalize, self.device = normalizer(clip.preprocess_config()), clip.device
 
     def table(self) -> dict[str, Handler]:
         return {
@@ -132,10 +125,9 @@ class Handlers:
     def _images(self, body: dict[str, Any], blobs: list[memoryview]) -> Images:
         if "encoded" in body:  # compressed bytes for the device decoder
             return tuple(bytes(b) for b in blobs)
-        crops = self._reader(body["segment"], body["count"]).read(body["slots"])
-        assert self.normalize is not None  # slots are sent only to a classify engine
-        # uint8 crops cross (a quarter of float32's bytes); normalized where the model runs
-        return self.normalize(crops.to(self.device, non_blocking=True))
+        # uint8 crops cross (a quarter of float32's bytes), copied out of the slots here; the
+        # batcher's worker moves and normalizes each batch (classifier.encode_batch)
+        return self._reader(body["segment"], body["count"]).read(body["slots"])
 
     def _reader(self, segment: str, count: int) -> SlotReader:
         reader = self.readers.get(segment)

@@ -31,3 +31,21 @@ def test_crop_then_normalize_is_the_full_transform_bit_for_bit(config, mode, siz
     assert crop.dtype == torch.uint8 and crop.shape == full.shape
     # the same float operations in the same order: equal, not close
     assert torch.equal(normalizer(config)(crop[None])[0], full)
+
+
+def test_the_batcher_normalizes_uint8_batches_as_the_front_end_would():
+    """The engine process hands uint8 crops to the batcher, whose worker normalizes the whole
+    batch (classifier.encode_batch): the same features as the batch normalized beforehand."""
+    from service.backbones.clip import load_clip
+    from service.engine.classifier import PLAIN_PLAN, encode_batch
+    from service.engine.runtimes.base import TorchRuntime
+    from tests.conftest import TINY_CONFIG
+
+    bb = load_clip("", "none", model_config=TINY_CONFIG)
+    normalize = normalizer(bb.preprocess_config())
+    crops = torch.randint(0, 256, (3, 3, *bb.image_size), dtype=torch.uint8)
+    plans = [PLAIN_PLAN] * 3
+    runtime = TorchRuntime(bb)
+    got = encode_batch(bb, normalize, crops, plans, runtime)
+    want = encode_batch(bb, normalize, normalize(crops), plans, runtime)
+    assert torch.equal(got, want)  # the same input numbers, so the same output bits
