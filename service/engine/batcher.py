@@ -3,7 +3,11 @@
 Requests wait in a bounded FIFO. One collector task takes the first, adds whole requests while
 the batch has room and `max_wait_ms` has not passed, and hands the batch to ONE worker thread
 that runs the model, then each request's `finish`: the event loop never computes, it only moves
-futures. Batches mix checkpoints on purpose: `run` (`forward.encode`) groups samples by plan
+futures. The collector forms the next batch while the worker computes one (`IN_FLIGHT`), so
+the worker goes from batch to batch without waiting for the loop to answer the last one's
+callers and gather again: on a GPU host that wait is time the device sits idle.
+
+ Batches mix checkpoints on purpose: `run` (`forward.encode`) groups samples by plan
 signature itself, so splitting per checkpoint here would only cost encoder passes.
 """
 
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Run = Callable[[torch.Tensor, list[Plan]], torch.Tensor]
 Outcome = tuple[Any, BaseException | None]  # per request: (result, None) or (None, error)
+IN_FLIGHT = 2  # batches handed to the worker thread at once: one computing, the next waiting
 
 
 @dataclass(eq=False, repr=False)  # repr=False: the default would format the image tensors
@@ -47,6 +52,14 @@ class _Request:
         # the device must agree; a mismatch closes the batch instead of failing all of it.
         a, b = self.images, first.images
         return a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and a.device == b.device
+
+
+@dataclass(eq=False)
+class _Handed:
+    """A batch given to the worker thread; `started` is set by the worker (a plain store)."""
+
+    batch: list[_Request]
+    started: bool = False
 
 
 class Batcher(QueueWorker[_Request]):
@@ -71,8 +84,15 @@ class Batcher(QueueWorker[_Request]):
         # Compute seconds per request at the batch sizes the traffic makes (moving average):
         # what a request admitted now costs the ones behind it (Inference.admission).
         self.seconds_per_request: float | None = None
-        self._executing = False
+        self._executing = 0  # batches handed to the worker and not yet answered
+        self._handed: list[_Handed] = []
         self._idle = asyncio.Event()  # set when nothing is queued or computing
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting: queued, or in a batch handed to the worker and not started."""
+        waiting = (r for h in self._handed if not h.started for r in h.batch)
+        return len(self._queue) + sum(1 for r in waiting if not r.future.done())
 
     def _refuse(self, request: _Request) -> None:
         _settle(request.future, None, NotReady("shutting down"))
@@ -100,7 +120,7 @@ class Batcher(QueueWorker[_Request]):
             raise TooManyImages(f"{n} images in one request; at most {self._max_batch}")
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
-        if (depth := len(self._queue)) >= self._max_queue:
+        if (depth := self.queue_depth) >= self._max_queue:
             # Fail fast: a 429 the client can back off from beats a queue that only grows.
             raise Overloaded(f"server overloaded: {depth} requests queued; retry with backoff")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -140,9 +160,30 @@ class Batcher(QueueWorker[_Request]):
             await self._idle.wait()
 
     async def _collect(self) -> None:
-        while (batch := await self._gather()) is not None:
-            if batch:
-                await self._execute(batch)
+        room = asyncio.Semaphore(IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            room.release()
+
+        try:
+            while True:
+                await room.acquire()
+                batch = await self._gather()
+                if not batch:
+                    room.release()
+                    if batch is None:
+                        break
+                    continue
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                running.add(task)
+                task.add_done_callback(done)
+            await asyncio.gather(*running)
+        finally:  # cancelled by stop(): the batches in flight answer NotReady
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _gather(self) -> list[_Request] | None:
         """The next batch (possibly empty if all of it expired); None once stopping and drained."""
@@ -186,12 +227,12 @@ class Batcher(QueueWorker[_Request]):
             await self._arrived.wait()
 
     async def _execute(self, batch: list[_Request]) -> None:
-        self._executing = True
+        self._executing += 1
         try:
             await self._execute_batch(batch)
         finally:
-            self._executing = False
-            if not self._queue:
+            self._executing -= 1
+            if not self._queue and not self._executing:
                 self._idle.set()
 
     async def _execute_batch(self, batch: list[_Request]) -> None:
@@ -202,9 +243,13 @@ class Batcher(QueueWorker[_Request]):
                 log.exception("on_batch callback failed")
         try:
             loop = asyncio.get_running_loop()
-            started = time.monotonic()
-            outcomes = await loop.run_in_executor(self._executor, self._compute, batch)
-            per = (time.monotonic() - started) / len(batch)
+            handed = _Handed(batch)
+            self._handed.append(handed)
+            try:
+                outcomes, seconds = await loop.run_in_executor(self._executor, self._timed, handed)
+            finally:
+                self._handed.remove(handed)
+            per = seconds / len(batch)
             last = self.seconds_per_request
             self.seconds_per_request = per if last is None else 0.8 * last + 0.2 * per
         except asyncio.CancelledError:  # stop() gave up waiting: answer rather than hang
@@ -215,6 +260,18 @@ class Batcher(QueueWorker[_Request]):
             outcomes = [(None, exc)] * len(batch)
         for r, (result, error) in zip(batch, outcomes, strict=True):
             _settle(r.future, result, error)
+
+    def _timed(self, handed: _Handed) -> tuple[list[Outcome], float]:
+        """`_compute` on the worker, and its seconds (not the wait behind the batch before).
+        Callers who left while the batch waited for the worker (deadline, disconnect) are
+        dropped here, as the collector drops them from the queue: nobody computes for them.
+        Reading done() off the loop is a benign race: at worst one request runs in vain."""
+        handed.started = True
+        started = time.monotonic()
+        live = [r for r in handed.batch if not r.future.done()]
+        computed = iter(self._compute(live) if live else [])
+        outcomes = [next(computed) if r in live else (None, None) for r in handed.batch]
+        return outcomes, time.monotonic() - started
 
     def _compute(self, batch: list[_Request]) -> list[Outcome]:
         """One `run` for the whole batch, then each request's `finish` (worker thread only)."""
@@ -230,8 +287,7 @@ class Batcher(QueueWorker[_Request]):
         for r in batch:
             part, offset = features[offset : offset + r.n], offset + r.n
             try:
-                # Skip callers who left. Reading done() off the loop is a benign race: at worst
-                # one finish runs in vain (its result is then dropped by _settle).
+                # Skip callers who left meanwhile (the same benign race as in _timed).
                 outcomes.append((None if r.future.done() else r.finish(part), None))
             except Exception as exc:  # one request's post-processing fails only that request
                 outcomes.append((None, exc))
