@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 from typing import Any
 
 import httpx
@@ -95,6 +96,81 @@ def peers(ctx: Any) -> str:
 
 
 # --- issue 16: served img/s vs the raw CUDA-graph bf16 encoder --------------------------------
+def py_spy() -> str | None:
+    """py-spy's binary: on PATH, beside this interpreter, or in a carried --target dir."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    found = shutil.which("py-spy")
+    candidates = [Path(sys.executable).parent, *(Path(p) / "bin" for p in sys.path if p)]
+    for folder in candidates:
+        if not found and (folder / "py-spy").is_file():
+            found = str(folder / "py-spy")
+    return found
+
+
+def engine_pid(server_pid: int) -> int:
+    """The process that runs the model: the split's engine, or the server itself."""
+    from service.engine.control import ControlBlock
+    from service.engine.shm import segment_name
+
+    try:
+        control = ControlBlock.attach(segment_name(server_pid, "control"))
+    except FileNotFoundError:
+        return server_pid  # one process
+    try:
+        return control.engine()[0]
+    finally:
+        control.close()
+
+
+class EngineProfile:
+    """py-spy sampling the engine process for `seconds` (where py-spy exists): where its CPU
+    goes, per thread, while a served phase runs (the GPU run's question: what in the engine
+    keeps the device waiting)."""
+
+    def __init__(self, server_pid: int, seconds: float, path: Any) -> None:
+        import subprocess
+
+        self.path, self.proc = path, None
+        exe = py_spy()
+        if exe is not None:
+            pid, duration = engine_pid(server_pid), max(1, int(seconds))
+            cmd = [exe, "record", "-p", str(pid), "-d", str(duration), "-r", "200", "-f", "raw",
+                   "--threads", "--nonblocking", "-o", str(path)]  # fmt: skip
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def summary(self, top: int = 10) -> dict[str, Any]:
+        """Samples per thread and the top leaf functions (self time) and service/ frames
+        (inclusive), as shares of all samples."""
+        if self.proc is None:
+            return {"py-spy": "not installed"}
+        self.proc.wait(timeout=60)
+        leaf: dict[str, int] = {}
+        ours: dict[str, int] = {}
+        threads: dict[str, int] = {}
+        total = 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n, frames = int(count), stack.split(";")
+            total += n
+            threads[frames[0]] = threads.get(frames[0], 0) + n
+            name = frames[-1].rsplit(":", 1)[0]  # without the line number
+            leaf[name] = leaf.get(name, 0) + n
+            for f in {f.rsplit(":", 1)[0] for f in frames if "service/" in f}:
+                ours[f] = ours.get(f, 0) + n
+
+        def share(d: dict[str, int]) -> list[tuple[str, float]]:
+            ranked = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+            return [(k[-120:], round(v / max(1, total), 3)) for k, v in ranked]
+
+        return {"samples": total, "threads": share(threads), "self": share(leaf),
+                "service_inclusive": share(ours)}  # fmt: skip
+
+
 def split_frontends(ctx: Any) -> int:
     """The front ends of the split run: the cores left beside the engine and the clients."""
     if ctx.dry:
@@ -164,18 +240,26 @@ def issue16(ctx: Any) -> str:
                 body = {"checkpoint": "coop", "images": [_b64(224, 224)] * per}
                 httpx.post(base + "/v1/classify", json=body, timeout=300).raise_for_status()
                 drive_procs(base, [body], ctx.clients, 2, ctx.client_procs)  # warm
-                got = drive_procs(base, [body], ctx.clients, ctx.phase(len(configs) + 1),
-                                  ctx.client_procs)  # fmt: skip
+                seconds = ctx.phase(len(configs) + 1)
+                name = f"engine-{model}-{frontends}fe-{decode}-{per}.txt"
+                profile = EngineProfile(proc.pid, seconds, ctx.var / name)
+                got = drive_procs(base, [body], ctx.clients, seconds, ctx.client_procs)
+                spy = profile.summary()
             finally:
                 peers_mod.stop(proc)
             served = (got["steady_ok_per_s"] or 0.0) * per
             rows.append({"model": model, "frontends": frontends, "decode": decode,
                          "per_request": per, "raw_img_s": round(raw, 1), "clients": ctx.clients,
                          "served": {**_cell(got), "img_s": round(served, 1)},
-                         "ratio": round(served / raw, 3)})  # fmt: skip
+                         "ratio": round(served / raw, 3), "engine_profile": spy})  # fmt: skip
             ctx.save()
     ctx.results["issue16"] = rows
-    return md(
+    profiles = "".join(
+        f"\n\nengine profile, {r['model']}, {r['frontends']} fe, {r['decode']}, "
+        f"{r['per_request']}/request: {json.dumps(r['engine_profile'])}"
+        for r in rows if "engine_profile" in r
+    )  # fmt: skip
+    return profiles.lstrip() + "\n\n" + md(
         ["model", "front ends", "decode", "img/request", "raw CUDA-graph bf16 b32 img/s"
          if ctx.cuda else "raw eager img/s", "clients", "served img/s (classify, 224 JPEG)",
          "served / raw", "p50 ms", "p99 ms", "statuses"],

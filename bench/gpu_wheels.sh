@@ -18,8 +18,13 @@ PKGS=(
   redis==8.1.0 rq==3.0.0 croniter
   pyzmq==27.3.0 msgspec==0.23.0
 )
+# py-spy samples the engine process during the served phases (bench/gpu_hooks.EngineProfile);
+# its wheel is tagged py2.py3-none-manylinux1, which the cp312 download above would not match
+TOOLS=(py-spy==0.4.3)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl "${PKGS[@]}"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d .whl "${TOOLS[@]}"
 du -sh .whl
 ls .whl
