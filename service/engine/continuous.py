@@ -22,37 +22,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
 
 from service.backbones.llava import LlavaBackbone
 from service.backbones.llava_steps import check_attention
 from service.engine.gen_request import (
     Event,
+    GenerationQueue,
     GenRequest,
-    Sampling,
     alive,
-    check_request,
-    collect,
-    follow,
 )
-from service.engine.queue_worker import QueueWorker
 from service.engine.scheduler import Waiting, plan_step
 from service.engine.slot_batch import Row, SlotBatch
-from service.errors import DeadlineExceeded, NotReady, Overloaded
-from service.prompts.m2pt import AnswerPlan
 
 log = logging.getLogger(__name__)
 
 
-class ContinuousEngine(QueueWorker[GenRequest]):
+class ContinuousEngine(GenerationQueue):
     """Continuous batching of generation requests onto one LLaVA, in one worker thread."""
 
     kind = "gen"
+    busy = "every KV slot busy and "
 
     def __init__(
         self,
@@ -80,55 +73,9 @@ class ContinuousEngine(QueueWorker[GenRequest]):
             "tokens per step", slots, length, self.batch.cache.nbytes / 2**20, step_tokens,
         )  # fmt: skip
 
-    def _refuse(self, request: GenRequest) -> None:
-        request.send(Event(error=NotReady("shutting down")))
-
-    # --- callers ---------------------------------------------------------------------------------
-    async def stream(
-        self,
-        ids: list[int],
-        pixels: Tensor | None,
-        plan: AnswerPlan,
-        sampling: Sampling,
-        deadline: float | None = None,
-    ) -> AsyncIterator[Event]:
-        """Events for one request as they are made; the last has `finish_reason` or `error`.
-
-        Raises before the first event: `Overloaded` (queue full), `DeadlineExceeded`,
-        `NotReady`, `BadRequest` (longer than a KV slot, or image tokens not of this plan).
-        """
-        if self._closing or self._task is None:
-            raise NotReady("shutting down" if self._closing else "generation engine not started")
-        check_request(self.backbone, ids, pixels, plan, sampling, self.batch.max_len)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("deadline passed before the request was queued")
-        if (depth := len(self._queue)) >= self._max_queue:
-            raise Overloaded(
-                f"server overloaded: every KV slot busy and {depth} requests queued; retry "
-                "with backoff"
-            )
-        loop = asyncio.get_running_loop()
-        request = GenRequest(ids, pixels, plan, sampling, deadline, asyncio.Queue(), loop)
-        self._queue.append(request)
-        self._arrived.set()
-        try:
-            async for event in follow(request):
-                yield event
-        finally:
-            with contextlib.suppress(ValueError):
-                self._queue.remove(request)
-            self._arrived.set()  # a waiting loop notices the free slot at once
-
-    async def complete(
-        self,
-        ids: list[int],
-        pixels: Tensor | None,
-        plan: AnswerPlan,
-        sampling: Sampling,
-        deadline: float | None = None,
-    ) -> tuple[list[int], str]:
-        """All generated tokens (without the stop token) and the finish reason."""
-        return await collect(self.stream(ids, pixels, plan, sampling, deadline))
+    @property
+    def max_len(self) -> int:
+        return self.batch.max_len  # a KV slot's positions
 
     # --- the collector (event loop) ---------------------------------------------------------
     async def _collect(self) -> None:

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from service.backbones.llava import LlavaBackbone
-from service.errors import BadRequest, DeadlineExceeded
+from service.engine.queue_worker import QueueWorker
+from service.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded
 from service.prompts.m2pt import AnswerPlan
 
 
@@ -141,3 +142,64 @@ async def follow(request: GenRequest) -> AsyncIterator[Event]:
                 return
     finally:
         request.left = True
+
+
+class GenerationQueue(QueueWorker[GenRequest]):
+    """What the static and the continuous generation engines share: a request's checks at the
+    door, its place in the queue, and its events as they are made. Each engine adds `_collect`
+    and says how long a request may be (`max_len`) and what is busy when it refuses one."""
+
+    backbone: LlavaBackbone
+    busy = ""  # what is full besides the queue, for the 429 message
+
+    @property
+    def max_len(self) -> int:
+        raise NotImplementedError
+
+    def _refuse(self, request: GenRequest) -> None:
+        request.send(Event(error=NotReady("shutting down")))
+
+    async def stream(
+        self,
+        ids: list[int],
+        pixels: Tensor | None,
+        plan: AnswerPlan,
+        sampling: Sampling,
+        deadline: float | None = None,
+    ) -> AsyncIterator[Event]:
+        """Events for one request as they are made; the last has `finish_reason` or `error`.
+
+        Raises before the first event: `Overloaded` (queue full), `DeadlineExceeded`,
+        `NotReady`, `BadRequest` (longer than `max_len`, or image tokens not of this plan).
+        """
+        if self._closing or self._task is None:
+            raise NotReady("shutting down" if self._closing else "generation engine not started")
+        check_request(self.backbone, ids, pixels, plan, sampling, self.max_len)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        if (depth := len(self._queue)) >= self._max_queue:
+            raise Overloaded(
+                f"server overloaded: {self.busy}{depth} requests queued; retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        request = GenRequest(ids, pixels, plan, sampling, deadline, asyncio.Queue(), loop)
+        self._queue.append(request)
+        self._arrived.set()
+        try:
+            async for event in follow(request):  # leaving marks it: the worker stops its row
+                yield event
+        finally:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(request)
+            self._arrived.set()  # a waiting collector notices the room at once
+
+    async def complete(
+        self,
+        ids: list[int],
+        pixels: Tensor | None,
+        plan: AnswerPlan,
+        sampling: Sampling,
+        deadline: float | None = None,
+    ) -> tuple[list[int], str]:
+        """All generated tokens (without the stop token) and the finish reason."""
+        return await collect(self.stream(ids, pixels, plan, sampling, deadline))

@@ -17,33 +17,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
 
 from service.backbones.llava import LlavaBackbone
 from service.engine.gen_request import (
     Event,
+    GenerationQueue,
     GenRequest,
     Sampling,
     alive,
-    check_request,
-    collect,
-    follow,
     generator,
     sample,
 )
-from service.engine.queue_worker import QueueWorker
-from service.errors import DeadlineExceeded, NotReady, Overloaded
-from service.prompts.m2pt import AnswerPlan, batch_prompts
+from service.errors import DeadlineExceeded
+from service.prompts.m2pt import batch_prompts
 
 __all__ = ["Event", "GenerationEngine", "Sampling"]
 
 log = logging.getLogger(__name__)
 
 
-class GenerationEngine(QueueWorker[GenRequest]):
+class GenerationEngine(GenerationQueue):
     """Batches generation requests onto one LLaVA in one dedicated worker thread."""
 
     kind = "gen"
@@ -64,51 +60,9 @@ class GenerationEngine(QueueWorker[GenRequest]):
         self.backbone = backbone
         self.batches: list[int] = []  # sizes of recent batches (tests and benchmarks read it)
 
-    def _refuse(self, request: GenRequest) -> None:
-        request.send(Event(error=NotReady("shutting down")))
-
-    # --- callers ---------------------------------------------------------------------------------
-    async def stream(
-        self,
-        ids: list[int],
-        pixels: Tensor | None,
-        plan: AnswerPlan,
-        sampling: Sampling,
-        deadline: float | None = None,
-    ) -> AsyncIterator[Event]:
-        """Events for one request as they are made; the last has `finish_reason` or `error`.
-
-        Raises before the first event: `Overloaded` (queue full), `DeadlineExceeded`,
-        `NotReady`, `BadRequest` (prompt too long for the model).
-        """
-        if self._closing or self._task is None:
-            raise NotReady("shutting down" if self._closing else "generation engine not started")
-        check_request(self.backbone, ids, pixels, plan, sampling, self.backbone.max_positions)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("deadline passed before the request was queued")
-        if (depth := len(self._queue)) >= self._max_queue:
-            raise Overloaded(f"server overloaded: {depth} requests queued; retry with backoff")
-        loop = asyncio.get_running_loop()
-        request = GenRequest(ids, pixels, plan, sampling, deadline, asyncio.Queue(), loop)
-        self._queue.append(request)
-        self._arrived.set()
-        try:
-            async for event in follow(request):  # leaving marks it: the worker stops its row
-                yield event
-        finally:
-            with contextlib.suppress(ValueError):
-                self._queue.remove(request)
-
-    async def complete(
-        self,
-        ids: list[int],
-        pixels: Tensor | None,
-        plan: AnswerPlan,
-        sampling: Sampling,
-        deadline: float | None = None,
-    ) -> tuple[list[int], str]:
-        """All generated tokens (without the stop token) and the finish reason."""
-        return await collect(self.stream(ids, pixels, plan, sampling, deadline))
+    @property
+    def max_len(self) -> int:
+        return self.backbone.max_positions
 
     # --- the collector (event loop) ---------------------------------------------------------
     async def _collect(self) -> None:
